@@ -1,0 +1,92 @@
+// rotorquant._core CUDA entry points: device queries and CudaRotation (launches on raw
+// device pointers). Without a CUDA build the same names exist as stubs: no devices, and
+// CudaRotation's constructor raises RuntimeError.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings.hpp"
+#include "rotorquant/error.hpp"
+#include "rotorquant/rotation.hpp"
+
+#ifdef ROTORQUANT_WITH_CUDA
+#include "rotorquant/cuda/rotation.hpp"
+#endif
+
+namespace py = pybind11;
+
+namespace rotorquant_bindings {
+
+namespace {
+
+#ifdef ROTORQUANT_WITH_CUDA
+
+const float* as_device_pointer(std::uintptr_t address) { return reinterpret_cast<const float*>(address); }
+float* as_mutable_device_pointer(std::uintptr_t address) { return reinterpret_cast<float*>(address); }
+void* as_stream(std::uintptr_t handle) { return reinterpret_cast<void*>(handle); }
+
+#else
+
+constexpr const char* kNoCudaMessage = "rotorquant was built without CUDA support";
+
+// Placeholder type so that `_core.CudaRotation` exists in every build.
+struct CudaRotationUnavailable {};
+
+#endif
+
+}  // namespace
+
+void bind_cuda(py::module_& m) {
+#ifdef ROTORQUANT_WITH_CUDA
+  using rotorquant::cuda::DeviceRotation;
+
+  m.def("cuda_device_count", &rotorquant::cuda::device_count,
+        "Number of usable CUDA devices (0 without a driver or device).");
+  m.def("cuda_device_name", &rotorquant::cuda::device_name, py::arg("device"), "Name of a CUDA device.");
+  m.def("cuda_runtime_version", &rotorquant::cuda::runtime_version_string,
+        "CUDA runtime version rotorquant was built with, as 'major.minor'.");
+
+  py::class_<DeviceRotation>(m, "CudaRotation",
+                             "A Rotation's parameters on a CUDA device; apply/inverse launch on raw device pointers.")
+      .def(py::init<const rotorquant::Rotation&, int>(), py::arg("rotation"), py::arg("device") = -1,
+           "Uploads rotation's parameters to `device` (-1: the current device).")
+      .def_property_readonly("device", &DeviceRotation::device)
+      .def_property_readonly("dim", &DeviceRotation::dim)
+      .def_property_readonly("padded_dim", &DeviceRotation::padded_dim)
+      .def_property_readonly("num_parameters", &DeviceRotation::num_parameters)
+      .def(
+          "apply",
+          [](const DeviceRotation& self, std::uintptr_t in_ptr, std::uintptr_t out_ptr, std::int64_t n,
+             std::uintptr_t stream) {
+            self.apply(as_device_pointer(in_ptr), as_mutable_device_pointer(out_ptr), n, as_stream(stream));
+          },
+          py::arg("in_ptr"), py::arg("out_ptr"), py::arg("n"), py::arg("stream") = 0,
+          py::call_guard<py::gil_scoped_release>(),
+          "Asynchronous on `stream` (a cudaStream_t as int, 0 = default): in (n, dim) float32 -> "
+          "out (n, padded_dim) float32, C-contiguous device memory.")
+      .def(
+          "inverse",
+          [](const DeviceRotation& self, std::uintptr_t in_ptr, std::uintptr_t out_ptr, std::int64_t n,
+             std::uintptr_t stream) {
+            self.inverse(as_device_pointer(in_ptr), as_mutable_device_pointer(out_ptr), n, as_stream(stream));
+          },
+          py::arg("in_ptr"), py::arg("out_ptr"), py::arg("n"), py::arg("stream") = 0,
+          py::call_guard<py::gil_scoped_release>(),
+          "Asynchronous on `stream`: in (n, padded_dim) float32 -> out (n, dim) float32, C-contiguous device memory.");
+#else
+  m.def("cuda_device_count", []() { return 0; }, "Number of usable CUDA devices (always 0: built without CUDA).");
+  m.def(
+      "cuda_device_name",
+      [](int) -> std::string { throw rotorquant::RuntimeError(kNoCudaMessage); }, py::arg("device"));
+  m.def("cuda_runtime_version", []() { return std::string(); }, "Empty: rotorquant was built without CUDA.");
+
+  py::class_<CudaRotationUnavailable>(m, "CudaRotation", "Unavailable: rotorquant was built without CUDA support.")
+      .def(py::init([](const rotorquant::Rotation&, int) -> CudaRotationUnavailable* {
+             throw rotorquant::RuntimeError(kNoCudaMessage);
+           }),
+           py::arg("rotation"), py::arg("device") = -1);
+#endif
+}
+
+}  // namespace rotorquant_bindings
