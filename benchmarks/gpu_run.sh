@@ -156,6 +156,29 @@ else
 fi
 set -e
 
+# ---- compute-sanitizer racecheck (shared-memory kernels: dense tiles, hadamard FWHT) -------
+set +e
+if command -v compute-sanitizer > /dev/null; then
+  cat > /tmp/rq_racecheck.py <<'EOF'
+import torch
+import rotorquant
+
+for kind in ("dense", "hadamard"):
+    for dim in (5, 64, 130, 1000):
+        rotation = rotorquant.Rotation(kind, dim, seed=dim)
+        x = torch.randn(37, dim, device="cuda")
+        back = rotation.inverse(rotation.apply(x))
+        torch.cuda.synchronize()
+        assert (back - x).abs().max().item() < 1e-4, (kind, dim)
+print("racecheck script done")
+EOF
+  timeout "${RACECHECK_TIMEOUT:-120}" compute-sanitizer --tool racecheck --error-exitcode 3 \
+    python3 /tmp/rq_racecheck.py > "$OUT/racecheck.log" 2>&1
+  rc=$?
+  note "racecheck exit: $rc ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1))"
+fi
+set -e
+
 # ---- the whole Python suite (CPU + CUDA) ----------------------------------------------------
 set +e
 timeout "${ALL_TESTS_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider "$REPO/tests/python" -rs 2>&1 \
