@@ -18,7 +18,7 @@
 namespace rotorquant {
 namespace {
 
-constexpr std::int64_t kMaxDenseDim = 16384;
+constexpr std::int64_t kMaxDenseDim = 4096;  // the O(d^3) QR takes about a minute at 4096
 constexpr std::int64_t kMaxHadamardDim = std::int64_t{1} << 24;
 constexpr std::int64_t kMaxMatrixDim = 16384;  // matrix() materializes P*P doubles
 constexpr double kTwoPi = 6.283185307179586476925286766559;
@@ -60,7 +60,7 @@ bool is_block_kind(RotationKind kind) {
 void check_dim(RotationKind kind, std::int64_t dim, const char* what) {
   if (dim < 1) throw ValueError(detail::expected_got(what, ">= 1", std::to_string(dim)));
   if (kind == RotationKind::kDense && dim > kMaxDenseDim) {
-    throw ValueError(detail::expected_got(what, "<= 16384 for the dense rotation", std::to_string(dim)));
+    throw ValueError(detail::expected_got(what, "<= 4096 for the dense rotation (its QR construction is O(d^3))", std::to_string(dim)));
   }
   if (kind == RotationKind::kHadamard && dim > kMaxHadamardDim) {
     throw ValueError(detail::expected_got(what, "<= 2^24 (16777216) for the hadamard rotation", std::to_string(dim)));

@@ -4,6 +4,9 @@
 #include <rotorquant/codebook.hpp>
 #include <rotorquant/random.hpp>
 #include <rotorquant/rotation.hpp>
+#ifdef EXAMPLE_WITH_CUDA
+#include <rotorquant/cuda/rotation.hpp>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -45,6 +48,11 @@ int main() {
               "(Lloyd-Max expects %.4f)\n",
               static_cast<long long>(dim), static_cast<long long>(padded), bits, err, book->mse_total());
   const bool ok = std::fabs(err - book->mse_total()) < 0.05 * book->mse_total();
+#ifdef EXAMPLE_WITH_CUDA
+  // The kernels are linked; they run only where a device is present (the runtime is static).
+  std::printf("rotorquant::cuda linked: %d CUDA device(s), runtime %s\n", rotorquant::cuda::device_count(),
+              rotorquant::cuda::runtime_version_string().c_str());
+#endif
   std::printf("%s\n", ok ? "OK" : "MISMATCH");
   return ok ? 0 : 1;
 }

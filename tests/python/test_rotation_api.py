@@ -232,3 +232,30 @@ class TestTorch:
             r.apply(torch.zeros(4, 16, dtype=torch.int64))
         with pytest.raises(ValueError, match="device"):
             r.apply(torch.zeros(4, 16, device="meta"))
+
+
+# -- Hypothesis properties over kinds, dims and seeds -------------------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(kind=st.sampled_from(KINDS), dim=st.integers(1, 200), seed=st.integers(0, 2**64 - 1),
+       rows=st.integers(0, 9), data_seed=st.integers(0, 2**32 - 1))
+def test_property_orthogonal_inverse_and_norm(kind, dim, seed, rows, data_seed):
+    r = rq.Rotation(kind, dim, seed=seed)
+    m = r.matrix()
+    np.testing.assert_allclose(m @ m.T, np.eye(r.padded_dim), atol=2e-6)
+    x = np.random.default_rng(data_seed).standard_normal((rows, dim)).astype(np.float32)
+    y = r.apply(x)
+    assert y.shape == (rows, r.padded_dim)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=2e-5)
+    np.testing.assert_allclose(r.inverse(y), x, atol=2e-5)
+    # The inverse of any padded vector is M^T z restricted to the first dim coordinates.
+    z = np.random.default_rng(data_seed + 1).standard_normal((rows, r.padded_dim)).astype(np.float32)
+    np.testing.assert_allclose(r.inverse(z), (z @ m)[:, :dim], atol=2e-5)
+
+
+@given(kind=st.sampled_from(KINDS[1:]), dim=st.integers(8, 160), seed=st.integers(0, 2**32))
+def test_property_seeds_change_the_map(kind, dim, seed):
+    a = rq.Rotation(kind, dim, seed=seed).parameters()
+    b = rq.Rotation(kind, dim, seed=seed + 1).parameters()
+    assert not np.array_equal(a, b)

@@ -37,7 +37,7 @@ std::int64_t rotation_padded_dim(RotationKind kind, std::int64_t dim);
 
 class Rotation {
  public:
-  // dim >= 1 (hadamard: dim <= 2^24; dense: dim <= 16384). Throws ValueError otherwise.
+  // dim >= 1 (hadamard: dim <= 2^24; dense: dim <= 4096, built by an O(d^3) QR). Throws ValueError otherwise.
   Rotation(RotationKind kind, std::int64_t dim, std::uint64_t seed = 0);
 
   RotationKind kind() const { return kind_; }
