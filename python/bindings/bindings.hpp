@@ -10,5 +10,6 @@ void bind_clifford(pybind11::module_& m);  // bind_clifford.cpp: batched Cl(3,0)
 void bind_codebook(pybind11::module_& m);  // bind_codebook.cpp: Lloyd-Max codebooks
 void bind_rotation(pybind11::module_& m);  // bind_rotation.cpp: Rotation on CPU arrays
 void bind_cuda(pybind11::module_& m);      // bind_cuda.cpp: device queries and CUDA launches (stubs without CUDA)
+void bind_quantizer(pybind11::module_& m);  // bind_quantizer.cpp: Quantizer, code (de)serialization
 
 }  // namespace rotorquant_bindings

@@ -30,4 +30,5 @@ PYBIND11_MODULE(_core, m) {
   rotorquant_bindings::bind_codebook(m);
   rotorquant_bindings::bind_rotation(m);
   rotorquant_bindings::bind_cuda(m);
+  rotorquant_bindings::bind_quantizer(m);
 }

@@ -23,10 +23,16 @@ except ImportError as _error:  # pragma: no cover - only when the extension was 
 from . import clifford
 from ._codebook import Codebook, codebook
 from ._rotation import Rotation, rotation_kinds
+from ._quantizer import Codes, Quantizer, RotorQuant, TurboQuant, concatenate
 
 __all__ = [
     "__version__",
     "Codebook",
+    "Codes",
+    "Quantizer",
+    "RotorQuant",
+    "TurboQuant",
+    "concatenate",
     "Rotation",
     "clifford",
     "cmake_dir",

@@ -199,8 +199,14 @@ def finish(p: Prepared, out_flat: Any, width: int, dtype: Any = None):
     if p.framework == "torch":
         torch = _torch()
         result = torch.from_numpy(out_flat) if isinstance(out_flat, np.ndarray) else out_flat
+        if p.device == "cuda" and not result.is_cuda:
+            result = result.to(f"cuda:{p.device_index}")
         result = result.reshape(shape)
         return result if result.dtype == target else result.to(target)
+    if p.framework == "cupy" and isinstance(out_flat, np.ndarray):
+        cupy = _cupy()
+        with cupy.cuda.Device(p.device_index):
+            out_flat = cupy.asarray(out_flat)
     result = out_flat.reshape(shape)
     if result.dtype != target:
         result = result.astype(target)
@@ -244,3 +250,16 @@ def check_out(p: Prepared, out: Any, width: int, name: str = "out"):
     if tuple(out.shape) != expected_shape:
         raise ValueError(f"{name}: expected shape {_describe_shape(expected_shape)}, got {_describe_shape(out.shape)}")
     return out.reshape(p.n, width)
+
+
+def finish_array(p: Prepared, result: np.ndarray):
+    """Hands a host float32 result of any shape back in the framework and on the device of input ``p``."""
+    if p.framework == "torch":
+        torch = _torch()
+        tensor = torch.from_numpy(np.ascontiguousarray(result))
+        return tensor.to(f"cuda:{p.device_index}") if p.device == "cuda" else tensor
+    if p.framework == "cupy":
+        cupy = _cupy()
+        with cupy.cuda.Device(p.device_index):
+            return cupy.asarray(result)
+    return result
