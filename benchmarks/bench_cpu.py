@@ -122,6 +122,7 @@ def bench_faiss(faiss, x, queries, bits, mode, repeat, seed):
     rotation.init(seed)
     index = faiss.IndexPreTransform(rotation, scalar)
     index.train(x[: min(len(x), 65536)])
+    index.sa_decode(index.sa_encode(x[:1024]))  # warm-up (OpenMP pool)
     t_enc, codes = timed(lambda: index.sa_encode(x), repeat)
     t_dec, x_hat = timed(lambda: index.sa_decode(codes), repeat)
     mse = relative_mse(x, x_hat)
@@ -135,7 +136,7 @@ def bench_faiss(faiss, x, queries, bits, mode, repeat, seed):
 
 def bench_rotorquant(x, queries, bits, rotation, mode, repeat, seed):
     quantizer = rotorquant.Quantizer(x.shape[1], bits, rotation=rotation, mode=mode, seed=seed)
-    quantizer.encode(x[:1024])  # warm-up (codebook, thread pool)
+    quantizer.decode(quantizer.encode(x[:1024]))  # warm-up (codebook, thread pool)
     t_enc, codes = timed(lambda: quantizer.encode(x), repeat)
     t_dec, x_hat = timed(lambda: quantizer.decode(codes), repeat)
     mse = relative_mse(x, x_hat)
@@ -147,6 +148,7 @@ def bench_rotorquant(x, queries, bits, rotation, mode, repeat, seed):
 
 def bench_numpy(x, queries, bits, repeat, seed):
     quantizer = NumpyTurboQuantMSE(x.shape[1], bits, seed)
+    quantizer.decode(quantizer.encode(x[:1024]))  # warm-up (BLAS threads)
     t_enc, codes = timed(lambda: quantizer.encode(x), repeat)
     t_dec, x_hat = timed(lambda: quantizer.decode(codes), repeat)
     mse = relative_mse(x, x_hat)

@@ -192,7 +192,9 @@ def main() -> None:
         f"{meta['head_dim']}. Totals over all layers and KV heads.",
         f"Quantizer(dim={meta['head_dim']}, bits, rotation, mode, seed={args.seed}), codebook 'sphere', fp16 norms, "
         "no norm correction; `prod` = (bits-1)-bit MSE + 1-bit QJL (same total bits). bytes/vec = "
-        f"`codes.nbytes / len(codes)` (fp16 vector: {2 * int(meta['head_dim'])} B).",
+        f"`codes.nbytes / len(codes)` (fp16 vector: {2 * int(meta['head_dim'])} B; rotor3 pads 64 to 66). "
+        "Relative MSE is of `decode`; in prod mode decode adds the unbiased QJL residual estimate, whose "
+        "variance makes its MSE larger than that of the (bits-1)-bit MSE part alone.",
         f"Attention: GQA, causal, scale 1/sqrt({meta['head_dim']}); query positions {query_rows[0]}..{tokens - 1} "
         f"step {args.query_stride} ({len(query_rows)} per head, all {meta['num_heads']} heads); estimated scores "
         "from `Quantizer.inner_product` on the key codes; out cos uses estimated scores and decoded V.",

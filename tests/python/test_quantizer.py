@@ -287,3 +287,18 @@ class TestTorch:
         est = q.inner_product(codes, torch.randn(2, 64))
         assert isinstance(est, torch.Tensor) and est.shape == (2, 3, 7)
         np.testing.assert_array_equal(codes.indices, q.encode(x.float().numpy()).indices)
+
+
+@pytest.mark.cuda
+def test_cuda_tensors_roundtrip_to_cuda():
+    """CUDA inputs are accepted (through the host until the CUDA codec lands) and come back on their device."""
+    torch = pytest.importorskip("torch")
+    q = rq.Quantizer(128, 3, rotation="hadamard", mode="prod", seed=2)
+    x = torch.randn(100, 128, device="cuda", dtype=torch.float16)
+    codes = q.encode(x)
+    out = q.decode(codes)
+    assert out.is_cuda and out.dtype == torch.float16
+    reference = q.decode(q.encode(x.cpu()))
+    torch.testing.assert_close(out.cpu(), reference)
+    est = q.inner_product(codes, x[:3])
+    assert est.is_cuda and est.shape == (3, 100)
