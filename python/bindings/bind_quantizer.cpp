@@ -107,25 +107,6 @@ ByteArray byte_matrix(const std::vector<std::uint8_t>& data, std::int64_t rows, 
   return out;
 }
 
-// Any integer-like object (int, numpy integer) -> uint64; negative or too large -> ValueError.
-std::uint64_t seed_from_object(const py::object& seed_object) {
-  PyObject* index = PyNumber_Index(seed_object.ptr());
-  if (index == nullptr) {
-    PyErr_Clear();
-    throw py::type_error("Quantizer: expected an integer seed, got " +
-                         std::string(py::str(py::type::of(seed_object).attr("__name__"))));
-  }
-  const py::int_ seed = py::reinterpret_steal<py::int_>(index);
-  if (PyObject_RichCompareBool(seed.ptr(), py::int_(0).ptr(), Py_LT) == 1) {
-    throw py::value_error("Quantizer: expected seed >= 0 (a uint64), got " + std::string(py::str(seed)));
-  }
-  const unsigned long long value = PyLong_AsUnsignedLongLong(seed.ptr());
-  if (value == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
-    PyErr_Clear();
-    throw py::value_error("Quantizer: expected seed < 2**64 (a uint64), got " + std::string(py::str(seed)));
-  }
-  return static_cast<std::uint64_t>(value);
-}
 
 py::dict params_dict(const rotorquant::QuantizerParams& p) {
   py::dict d;
@@ -187,7 +168,7 @@ void bind_quantizer(py::module_& m) {
              p.bits = bits;
              p.rotation = rotorquant::parse_rotation_kind(rotation);
              p.mode = rotorquant::parse_quantizer_mode(mode);
-             p.seed = seed_from_object(seed);
+             p.seed = seed_from_object(seed, "Quantizer");
              p.codebook = rotorquant::parse_codebook_density(codebook);
              p.norm_dtype = rotorquant::parse_norm_dtype(norm_dtype);
              p.norm_correction = norm_correction;

@@ -76,25 +76,6 @@ void check_no_overlap(const FloatArray& in, const FloatArray& out, const char* w
   }
 }
 
-// Any integer-like object (int, numpy integer) -> uint64; negative or too large -> ValueError.
-std::uint64_t seed_from_object(const py::object& seed_object) {
-  PyObject* index = PyNumber_Index(seed_object.ptr());
-  if (index == nullptr) {
-    PyErr_Clear();
-    throw py::type_error("Rotation: expected an integer seed, got " +
-                         std::string(py::str(py::type::of(seed_object).attr("__name__"))));
-  }
-  const py::int_ seed = py::reinterpret_steal<py::int_>(index);
-  if (PyObject_RichCompareBool(seed.ptr(), py::int_(0).ptr(), Py_LT) == 1) {
-    throw py::value_error("Rotation: expected seed >= 0 (a uint64), got " + std::string(py::str(seed)));
-  }
-  const unsigned long long value = PyLong_AsUnsignedLongLong(seed.ptr());
-  if (value == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
-    PyErr_Clear();
-    throw py::value_error("Rotation: expected seed < 2**64 (a uint64), got " + std::string(py::str(seed)));
-  }
-  return static_cast<std::uint64_t>(value);
-}
 
 }  // namespace
 
@@ -114,7 +95,7 @@ void bind_rotation(py::module_& m) {
   py::class_<Rotation>(m, "Rotation",
                        "A random orthogonal map R^dim -> R^padded_dim (zero padding), built from (kind, dim, seed).")
       .def(py::init([](const std::string& kind, std::int64_t dim, const py::object& seed) {
-             const std::uint64_t seed_value = seed_from_object(seed);
+             const std::uint64_t seed_value = seed_from_object(seed, "Rotation");
              return Rotation(rotorquant::parse_rotation_kind(kind), dim, seed_value);
            }),
            py::arg("kind"), py::arg("dim"), py::arg("seed") = 0)

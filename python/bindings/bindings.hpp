@@ -3,6 +3,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+
 namespace rotorquant_bindings {
 
 void bind_system(pybind11::module_& m);    // bind_system.cpp: threads, build info
@@ -11,5 +13,9 @@ void bind_codebook(pybind11::module_& m);  // bind_codebook.cpp: Lloyd-Max codeb
 void bind_rotation(pybind11::module_& m);  // bind_rotation.cpp: Rotation on CPU arrays
 void bind_cuda(pybind11::module_& m);      // bind_cuda.cpp: device queries and CUDA launches (stubs without CUDA)
 void bind_quantizer(pybind11::module_& m);  // bind_quantizer.cpp: Quantizer, code (de)serialization
+
+// Any integer-like object (int, numpy integer) -> uint64; negative or >= 2**64 -> ValueError,
+// not an integer -> TypeError; `what` names the caller in the message (bind_util.cpp).
+std::uint64_t seed_from_object(const pybind11::object& seed_object, const char* what);
 
 }  // namespace rotorquant_bindings
