@@ -165,6 +165,18 @@ void check_pointer(const void* ptr, const char* what, const char* name) {
   }
 }
 
+// The arrays a batch of codes needs: indices when there is an mse stage, norms always,
+// sign bits and residual norms in prod mode (CodesView or ConstCodesView).
+template <typename View>
+void check_code_pointers(const View& codes, bool has_indices, bool prod, const char* what) {
+  if (has_indices) check_pointer(codes.indices, what, "indices");
+  check_pointer(codes.norms, what, "norms");
+  if (prod) {
+    check_pointer(codes.qjl_signs, what, "qjl_signs");
+    check_pointer(codes.residual_norms, what, "residual_norms");
+  }
+}
+
 }  // namespace
 
 Quantizer::Quantizer(const QuantizerParams& params)
@@ -236,12 +248,7 @@ void Quantizer::encode(const float* x, std::int64_t n, const CodesView& out) con
   if (n == 0) return;
   const bool prod = params_.mode == QuantizerMode::kProd;
   check_pointer(x, what, "x");
-  if (codebook_) check_pointer(out.indices, what, "indices");
-  check_pointer(out.norms, what, "norms");
-  if (prod) {
-    check_pointer(out.qjl_signs, what, "qjl_signs");
-    check_pointer(out.residual_norms, what, "residual_norms");
-  }
+  check_code_pointers(out, codebook_ != nullptr, prod, what);
   const std::int64_t d = dim(), p = padded_dim(), m = qjl_dim();
   check_finite_rows(x, n, d, what, "x");
 
@@ -334,12 +341,7 @@ void Quantizer::decode(const ConstCodesView& codes, std::int64_t n, float* out) 
   if (n == 0) return;
   const bool prod = params_.mode == QuantizerMode::kProd;
   check_pointer(out, what, "out");
-  check_pointer(codes.norms, what, "norms");
-  if (codebook_) check_pointer(codes.indices, what, "indices");
-  if (prod) {
-    check_pointer(codes.qjl_signs, what, "qjl_signs");
-    check_pointer(codes.residual_norms, what, "residual_norms");
-  }
+  check_code_pointers(codes, codebook_ != nullptr, prod, what);
   const std::int64_t d = dim(), p = padded_dim(), m = qjl_dim();
   const CodeSizes sizes = code_sizes();
   const LloydMaxCodebook* codebook = codebook_.get();
@@ -399,12 +401,7 @@ void Quantizer::inner_product(const ConstCodesView& codes, std::int64_t n, const
   const bool prod = params_.mode == QuantizerMode::kProd;
   check_pointer(y, what, "y");
   check_pointer(out, what, "out");
-  check_pointer(codes.norms, what, "norms");
-  if (codebook_) check_pointer(codes.indices, what, "indices");
-  if (prod) {
-    check_pointer(codes.qjl_signs, what, "qjl_signs");
-    check_pointer(codes.residual_norms, what, "residual_norms");
-  }
+  check_code_pointers(codes, codebook_ != nullptr, prod, what);
   const std::int64_t d = dim(), p = padded_dim(), m = qjl_dim();
   check_finite_rows(y, m_q, d, what, "y");
   const CodeSizes sizes = code_sizes();

@@ -161,39 +161,50 @@ void DeviceRotation::check_call(const char* what, const float* in, float* out, s
   }
 }
 
+namespace {
+
+// One launch of the kind's kernel, forward (apply) or transposed (inverse); the identity is a copy.
+template <bool kInverse>
+void launch_rotation(RotationKind kind, const float* parameters, const float* in, float* out, std::int64_t n,
+                     std::int64_t dim, std::int64_t padded_dim, int multiprocessor_count, cudaStream_t stream,
+                     const char* context) {
+  switch (kind) {
+    case RotationKind::kIdentity:
+      ROTORQUANT_CUDA_CHECK(cudaMemcpyAsync(out, in, static_cast<std::size_t>(n * dim) * sizeof(float),
+                                            cudaMemcpyDeviceToDevice, stream),
+                            context);
+      return;
+    case RotationKind::kDense:
+      launch_dense_rotation<kInverse>(in, out, parameters, n, padded_dim, multiprocessor_count, stream);
+      break;
+    case RotationKind::kHadamard:
+      launch_hadamard_rotation<kInverse>(in, out, parameters, n, dim, padded_dim, multiprocessor_count, stream);
+      break;
+    case RotationKind::kRotor3:
+      launch_block_rotation<kernels::Rotor3Block, kInverse>(in, out, parameters, n, dim, padded_dim,
+                                                            multiprocessor_count, stream);
+      break;
+    case RotationKind::kPlanar:
+      launch_block_rotation<kernels::PlanarBlock, kInverse>(in, out, parameters, n, dim, padded_dim,
+                                                            multiprocessor_count, stream);
+      break;
+    case RotationKind::kQuat:
+      launch_block_rotation<kernels::QuaternionBlock, kInverse>(in, out, parameters, n, dim, padded_dim,
+                                                                multiprocessor_count, stream);
+      break;
+  }
+  detail::check_launch(context);
+}
+
+}  // namespace
+
 void DeviceRotation::apply(const float* in, float* out, std::int64_t n, void* stream) const {
   const char* context = "cuda::DeviceRotation::apply";
   check_call(context, in, out, n);
   if (n == 0) return;
   detail::ScopedDevice scoped_device(device_, context);
-  const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  switch (kind_) {
-    case RotationKind::kIdentity:
-      ROTORQUANT_CUDA_CHECK(cudaMemcpyAsync(out, in, static_cast<std::size_t>(n * dim_) * sizeof(float),
-                                            cudaMemcpyDeviceToDevice, cuda_stream),
-                            context);
-      return;
-    case RotationKind::kDense:
-      launch_dense_rotation<false>(in, out, parameters_, n, padded_dim_, multiprocessor_count_, cuda_stream);
-      break;
-    case RotationKind::kHadamard:
-      launch_hadamard_rotation<false>(in, out, parameters_, n, dim_, padded_dim_, multiprocessor_count_,
-                                      cuda_stream);
-      break;
-    case RotationKind::kRotor3:
-      launch_block_rotation<kernels::Rotor3Block, false>(in, out, parameters_, n, dim_, padded_dim_,
-                                                         multiprocessor_count_, cuda_stream);
-      break;
-    case RotationKind::kPlanar:
-      launch_block_rotation<kernels::PlanarBlock, false>(in, out, parameters_, n, dim_, padded_dim_,
-                                                         multiprocessor_count_, cuda_stream);
-      break;
-    case RotationKind::kQuat:
-      launch_block_rotation<kernels::QuaternionBlock, false>(in, out, parameters_, n, dim_, padded_dim_,
-                                                             multiprocessor_count_, cuda_stream);
-      break;
-  }
-  detail::check_launch(context);
+  launch_rotation<false>(kind_, parameters_, in, out, n, dim_, padded_dim_, multiprocessor_count_,
+                         static_cast<cudaStream_t>(stream), context);
 }
 
 void DeviceRotation::inverse(const float* in, float* out, std::int64_t n, void* stream) const {
@@ -201,34 +212,8 @@ void DeviceRotation::inverse(const float* in, float* out, std::int64_t n, void* 
   check_call(context, in, out, n);
   if (n == 0) return;
   detail::ScopedDevice scoped_device(device_, context);
-  const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  switch (kind_) {
-    case RotationKind::kIdentity:
-      ROTORQUANT_CUDA_CHECK(cudaMemcpyAsync(out, in, static_cast<std::size_t>(n * dim_) * sizeof(float),
-                                            cudaMemcpyDeviceToDevice, cuda_stream),
-                            context);
-      return;
-    case RotationKind::kDense:
-      launch_dense_rotation<true>(in, out, parameters_, n, padded_dim_, multiprocessor_count_, cuda_stream);
-      break;
-    case RotationKind::kHadamard:
-      launch_hadamard_rotation<true>(in, out, parameters_, n, dim_, padded_dim_, multiprocessor_count_,
-                                     cuda_stream);
-      break;
-    case RotationKind::kRotor3:
-      launch_block_rotation<kernels::Rotor3Block, true>(in, out, parameters_, n, dim_, padded_dim_,
-                                                        multiprocessor_count_, cuda_stream);
-      break;
-    case RotationKind::kPlanar:
-      launch_block_rotation<kernels::PlanarBlock, true>(in, out, parameters_, n, dim_, padded_dim_,
-                                                        multiprocessor_count_, cuda_stream);
-      break;
-    case RotationKind::kQuat:
-      launch_block_rotation<kernels::QuaternionBlock, true>(in, out, parameters_, n, dim_, padded_dim_,
-                                                            multiprocessor_count_, cuda_stream);
-      break;
-  }
-  detail::check_launch(context);
+  launch_rotation<true>(kind_, parameters_, in, out, n, dim_, padded_dim_, multiprocessor_count_,
+                        static_cast<cudaStream_t>(stream), context);
 }
 
 }  // namespace cuda

@@ -19,15 +19,6 @@ namespace {
 
 using DoubleArray = py::array_t<double, py::array::c_style>;
 
-std::string shape_string(const DoubleArray& array) {
-  std::string text = "(";
-  for (py::ssize_t axis = 0; axis < array.ndim(); ++axis) {
-    if (axis > 0) text += ", ";
-    text += std::to_string(array.shape(axis));
-  }
-  if (array.ndim() == 1) text += ",";
-  return text + ")";
-}
 
 // Requires shape (n, width) and returns n.
 std::int64_t rows_of(const DoubleArray& array, py::ssize_t width, const char* name) {

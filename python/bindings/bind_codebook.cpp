@@ -21,11 +21,7 @@ template <typename T>
 std::string array_description(const py::handle& obj) {
   if (py::isinstance<py::array>(obj)) {
     const auto a = py::reinterpret_borrow<py::array>(obj);
-    std::string shape = "(";
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) shape += (i ? ", " : "") + std::to_string(a.shape(i));
-    if (a.ndim() == 1) shape += ",";
-    shape += ")";
-    return "dtype " + std::string(py::str(a.dtype())) + ", shape " + shape +
+    return "dtype " + std::string(py::str(a.dtype())) + ", shape " + shape_string(a) +
            ((a.flags() & py::array::c_style) ? ", C-contiguous" : ", not C-contiguous");
   }
   return std::string(py::str(py::type::of(obj).attr("__name__")));

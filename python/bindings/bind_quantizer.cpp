@@ -28,16 +28,6 @@ namespace {
 using FloatArray = py::array_t<float, py::array::c_style>;
 using ByteArray = py::array_t<std::uint8_t, py::array::c_style>;
 
-std::string shape_string(const py::array& a) {
-  std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(a.shape(i));
-  }
-  if (a.ndim() == 1) s += ",";
-  return s + ")";
-}
-
 std::string describe(const py::handle& obj) {
   if (py::isinstance<py::array>(obj)) {
     const auto a = py::reinterpret_borrow<py::array>(obj);

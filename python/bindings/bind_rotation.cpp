@@ -18,7 +18,6 @@ namespace {
 
 using FloatArray = py::array_t<float, py::array::c_style>;
 
-std::string shape_string(const py::array& a);
 
 // The array itself as a C-contiguous float32 array (no copy, no conversion: the Python
 // layer converts); anything else -> TypeError naming dtype and layout.
@@ -38,15 +37,6 @@ FloatArray as_float_array(const py::handle& obj, const char* what, const char* n
   return py::reinterpret_borrow<FloatArray>(obj);
 }
 
-std::string shape_string(const py::array& a) {
-  std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(a.shape(i));
-  }
-  if (a.ndim() == 1) s += ",";
-  return s + ")";
-}
 
 // Throws ValueError "<what>: expected <name> of shape (n, cols), got (...)" unless a is (n, cols);
 // returns n.

@@ -9,6 +9,16 @@ namespace py = pybind11;
 
 namespace rotorquant_bindings {
 
+std::string shape_string(const py::array& array) {
+  std::string text = "(";
+  for (py::ssize_t axis = 0; axis < array.ndim(); ++axis) {
+    if (axis > 0) text += ", ";
+    text += std::to_string(array.shape(axis));
+  }
+  if (array.ndim() == 1) text += ",";
+  return text + ")";
+}
+
 std::uint64_t seed_from_object(const py::object& seed_object, const char* what) {
   PyObject* index = PyNumber_Index(seed_object.ptr());
   if (index == nullptr) {

@@ -1,9 +1,11 @@
 // Declarations shared by the binding files of rotorquant._core.
 #pragma once
 
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 namespace rotorquant_bindings {
 
@@ -13,6 +15,9 @@ void bind_codebook(pybind11::module_& m);  // bind_codebook.cpp: Lloyd-Max codeb
 void bind_rotation(pybind11::module_& m);  // bind_rotation.cpp: Rotation on CPU arrays
 void bind_cuda(pybind11::module_& m);      // bind_cuda.cpp: device queries and CUDA launches (stubs without CUDA)
 void bind_quantizer(pybind11::module_& m);  // bind_quantizer.cpp: Quantizer, code (de)serialization
+
+// "(2, 3)" / "(5,)": an array's shape as Python prints it, for error messages (bind_util.cpp).
+std::string shape_string(const pybind11::array& array);
 
 // Any integer-like object (int, numpy integer) -> uint64; negative or >= 2**64 -> ValueError,
 // not an integer -> TypeError; `what` names the caller in the message (bind_util.cpp).

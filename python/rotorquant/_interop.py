@@ -72,7 +72,7 @@ class Prepared:
 def _dtype_name(framework: str, dtype: Any) -> str:
     if framework == "torch":
         return str(dtype).replace("torch.", "")
-    return np.dtype(dtype).name if not str(dtype) == "bfloat16" else "bfloat16"
+    return "bfloat16" if str(dtype) == "bfloat16" else np.dtype(dtype).name
 
 
 def _describe_shape(shape) -> str:
@@ -128,11 +128,9 @@ def prepare(x: Any, name: str, last_dim: Optional[int] = None, min_ndim: int = 1
     else:
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
-        if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
-            if x.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 for numpy
-                pass
-            else:
-                raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
+        is_bfloat16 = x.dtype.name == "bfloat16"  # ml_dtypes' bfloat16 for numpy
+        if not is_bfloat16 and (x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8)):
+            raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
         framework, device, index, dtype, shape = "numpy", "cpu", -1, x.dtype, tuple(x.shape)
 
     if len(shape) < min_ndim:

@@ -48,7 +48,8 @@ class Codes:
         self._params = dict(params)
         self._arrays = arrays
         self._batch_shape = tuple(int(s) for s in batch_shape)
-        self._source = source or ("numpy", np.dtype(np.float32))
+        # (framework, dtype, device, device index) of the encoded input: what decode returns by default.
+        self._source = source or ("numpy", np.dtype(np.float32), "cpu", -1)
 
     # -- description --------------------------------------------------------------------
     @property
@@ -368,7 +369,7 @@ class Quantizer:
 
     @staticmethod
     def _to_source(codes: Codes, out: np.ndarray, dtype: Any):
-        framework, src_dtype, device, device_index = (codes._source + ("cpu", -1))[:4]
+        framework, src_dtype, device, device_index = codes._source
         prepared = _interop.Prepared(framework, device, device_index, src_dtype, codes.batch_shape, None)
         width = out.shape[-1]
         return _interop.finish(prepared, out.reshape(codes.n, width), width, dtype)
