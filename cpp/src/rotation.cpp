@@ -11,6 +11,7 @@
 #include "rotorquant/clifford.hpp"
 #include "rotorquant/detail/hadamard.hpp"
 #include "rotorquant/detail/householder.hpp"
+#include "rotorquant/detail/rotor_network.hpp"
 #include "rotorquant/error.hpp"
 #include "rotorquant/parallel.hpp"
 #include "rotorquant/random.hpp"
@@ -25,12 +26,12 @@ constexpr double kTwoPi = 6.283185307179586476925286766559;
 
 bool is_valid_kind(RotationKind kind) {
   const int value = static_cast<int>(kind);
-  return value >= static_cast<int>(RotationKind::kIdentity) && value <= static_cast<int>(RotationKind::kQuat);
+  return value >= static_cast<int>(RotationKind::kIdentity) && value <= static_cast<int>(RotationKind::kRotorNetwork);
 }
 
 void check_kind(RotationKind kind, const char* what) {
   if (!is_valid_kind(kind)) {
-    throw TypeError(detail::expected_got(what, "a RotationKind (0..5)", std::to_string(static_cast<int>(kind))));
+    throw TypeError(detail::expected_got(what, "a RotationKind (0..6)", std::to_string(static_cast<int>(kind))));
   }
 }
 
@@ -64,6 +65,9 @@ void check_dim(RotationKind kind, std::int64_t dim, const char* what) {
   }
   if (kind == RotationKind::kHadamard && dim > kMaxHadamardDim) {
     throw ValueError(detail::expected_got(what, "<= 2^24 (16777216) for the hadamard rotation", std::to_string(dim)));
+  }
+  if (kind == RotationKind::kRotorNetwork && dim > detail::kRotorNetworkMaxDim) {
+    throw ValueError(detail::expected_got(what, "<= 2^24 (16777216) for the rotor_network rotation", std::to_string(dim)));
   }
   // Keeps every padded size and n * padded_dim product far from int64 overflow.
   if (dim > (std::int64_t{1} << 40)) {
@@ -234,7 +238,8 @@ void check_batch(const char* what, const float* in, const float* out, std::int64
 }  // namespace
 
 const std::vector<std::string>& rotation_kind_names() {
-  static const std::vector<std::string> names = {"identity", "dense", "hadamard", "rotor3", "planar", "quat"};
+  static const std::vector<std::string> names = {"identity", "dense",  "hadamard",     "rotor3",
+                                                 "planar",   "quat",   "rotor_network"};
   return names;
 }
 
@@ -257,6 +262,7 @@ std::int64_t rotation_padded_dim(RotationKind kind, std::int64_t dim) {
   check_kind(kind, "rotation_padded_dim: kind");
   check_dim(kind, dim, "rotation_padded_dim: dim");
   if (kind == RotationKind::kHadamard) return detail::next_power_of_two(dim);
+  if (kind == RotationKind::kRotorNetwork) return detail::rotor_network_padded_dim(dim);
   const std::int64_t k = block_size(kind);
   return (dim + k - 1) / k * k;
 }
@@ -342,6 +348,9 @@ Rotation::Rotation(RotationKind kind, std::int64_t dim, std::uint64_t seed)
       }
       break;
     }
+    case RotationKind::kRotorNetwork:
+      parameters_ = detail::rotor_network_parameters(p, seed);
+      break;
   }
   if (is_block_kind(kind)) {
     const int k = block_size(kind), per_block = parameters_per_block(kind);
@@ -376,6 +385,9 @@ void Rotation::apply_row(const float* in, float* out, float* scratch) const {
     case RotationKind::kRotor3: block_apply_row<3>(fast_matrices_.data(), p / 3, dim_, in, out); break;
     case RotationKind::kPlanar: block_apply_row<2>(fast_matrices_.data(), p / 2, dim_, in, out); break;
     case RotationKind::kQuat: block_apply_row<4>(fast_matrices_.data(), p / 4, dim_, in, out); break;
+    case RotationKind::kRotorNetwork:
+      detail::rotor_network_apply(detail::rotor_network_plan(p), parameters_.data(), dim_, in, out, 1);
+      break;
   }
 }
 
@@ -399,6 +411,9 @@ void Rotation::inverse_row(const float* in, float* out, float* scratch) const {
     case RotationKind::kRotor3: block_inverse_row<3>(fast_matrices_.data(), p / 3, dim_, in, out); break;
     case RotationKind::kPlanar: block_inverse_row<2>(fast_matrices_.data(), p / 2, dim_, in, out); break;
     case RotationKind::kQuat: block_inverse_row<4>(fast_matrices_.data(), p / 4, dim_, in, out); break;
+    case RotationKind::kRotorNetwork:
+      detail::rotor_network_inverse(detail::rotor_network_plan(p), parameters_.data(), dim_, in, out, 1);
+      break;
   }
 }
 
@@ -414,6 +429,7 @@ std::int64_t row_cost(RotationKind kind, std::int64_t dim, std::int64_t padded_d
       return padded_dim * (log2 + 2);
     }
     case RotationKind::kIdentity: return dim / 4 + 1;
+    case RotationKind::kRotorNetwork: return detail::rotor_network_row_cost(detail::rotor_network_plan(padded_dim));
     default: return padded_dim * 4;
   }
 }
@@ -429,6 +445,11 @@ void Rotation::apply(const float* in, float* out, std::int64_t n) const {
       dense_rows(fast_matrices_.data(), dim, p, in + begin * dim, out + begin * p, end - begin);
       return;
     }
+    if (kind_ == RotationKind::kRotorNetwork) {
+      detail::rotor_network_apply(detail::rotor_network_plan(p), parameters_.data(), dim, in + begin * dim,
+                                  out + begin * p, end - begin);
+      return;
+    }
     std::vector<float> scratch(kind_ == RotationKind::kHadamard ? static_cast<std::size_t>(p) : 0);
     for (std::int64_t r = begin; r < end; ++r) apply_row(in + r * dim, out + r * p, scratch.data());
   });
@@ -441,6 +462,11 @@ void Rotation::inverse(const float* in, float* out, std::int64_t n) const {
   parallel_for(n, row_cost(kind_, dim, p), [&](std::int64_t begin, std::int64_t end) {
     if (kind_ == RotationKind::kDense) {
       dense_rows(parameters_.data(), p, dim, in + begin * p, out + begin * dim, end - begin);
+      return;
+    }
+    if (kind_ == RotationKind::kRotorNetwork) {
+      detail::rotor_network_inverse(detail::rotor_network_plan(p), parameters_.data(), dim, in + begin * p,
+                                    out + begin * dim, end - begin);
       return;
     }
     std::vector<float> scratch(kind_ == RotationKind::kHadamard ? static_cast<std::size_t>(p) : 0);
@@ -475,6 +501,9 @@ std::vector<double> Rotation::matrix() const {
       }
       break;
     }
+    case RotationKind::kRotorNetwork:
+      detail::rotor_network_matrix(detail::rotor_network_plan(p), parameters_.data(), m.data());
+      break;
     default: {  // block kinds
       const int k = block_size(kind_), per_block = parameters_per_block(kind_);
       const std::int64_t groups = p / k;

@@ -122,8 +122,8 @@ std::string byte_string(const std::uint8_t* data, std::size_t size) {
 // the Quantizer constructor checks the rest (codebook dimension limits...).
 void validate_params(const QuantizerParams& p, const std::string& what) {
   const int rotation = static_cast<int>(p.rotation);
-  if (rotation < 0 || rotation > 5) {
-    throw ValueError(detail::expected_got(what + ": rotation kind", "0..5", std::to_string(rotation)));
+  if (rotation < 0 || rotation > 6) {
+    throw ValueError(detail::expected_got(what + ": rotation kind", "0..6", std::to_string(rotation)));
   }
   const int mode = static_cast<int>(p.mode);
   if (mode < 0 || mode > 1) {
@@ -190,7 +190,7 @@ QuantizerParams read_params(ByteReader& r, const std::string& what) {
   if (dim > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
     throw ValueError(detail::expected_got(what + ": dim", "< 2^63", std::to_string(dim)));
   }
-  if (rotation > 5) throw ValueError(detail::expected_got(what + ": rotation kind", "0..5", std::to_string(rotation)));
+  if (rotation > 6) throw ValueError(detail::expected_got(what + ": rotation kind", "0..6", std::to_string(rotation)));
   if (mode > 1) throw ValueError(detail::expected_got(what + ": mode", "0 (mse) or 1 (prod)", std::to_string(mode)));
   if (codebook > 1) {
     throw ValueError(

@@ -10,6 +10,7 @@
 #include "check.cuh"
 #include "rotation_kernels.cuh"
 #include "rotorquant/cuda/rotation.hpp"
+#include "rotorquant/detail/rotor_network.hpp"
 #include "rotorquant/error.hpp"
 
 namespace rotorquant {
@@ -31,6 +32,7 @@ std::int64_t expected_parameter_count(RotationKind kind, std::int64_t padded_dim
     case RotationKind::kRotor3: return 4 * (padded_dim / 3);
     case RotationKind::kPlanar: return 2 * (padded_dim / 2);
     case RotationKind::kQuat: return 8 * (padded_dim / 4);
+    case RotationKind::kRotorNetwork: return rotorquant::detail::rotor_network_plan(padded_dim).num_parameters;
   }
   return -1;
 }
@@ -84,6 +86,28 @@ void launch_hadamard_rotation(const float* in, float* out, const float* signs, s
       in, out, signs, n, static_cast<int>(dim), log2_exact(padded_dim), rows_per_block, scale);
 }
 
+template <bool kInverse>
+void launch_rotor_network_rotation(const float* in, float* out, const float* parameters, std::int64_t n,
+                                   std::int64_t dim, std::int64_t padded_dim, int multiprocessor_count,
+                                   cudaStream_t stream) {
+  const rotorquant::detail::RotorNetworkPlan plan = rotorquant::detail::rotor_network_plan(padded_dim);
+  kernels::RotorNetworkStages stages{};
+  stages.num_odd_stages = plan.num_odd_stages;
+  for (int q = 0; q < plan.num_odd_stages; ++q) {
+    stages.radix[q] = plan.radix[q];
+    stages.stride[q] = static_cast<int>(plan.stride[q]);
+    stages.block_offset[q] = static_cast<int>(plan.block_offset[q]);
+  }
+  const int rows_per_block =
+      static_cast<int>(std::max<std::int64_t>(1, kernels::kRotorNetworkBlockElements / padded_dim));
+  const std::int64_t row_groups = (n + rows_per_block - 1) / rows_per_block;
+  const unsigned blocks = grid_size(row_groups, 1, multiprocessor_count);
+  const std::size_t shared_bytes = static_cast<std::size_t>(rows_per_block) * padded_dim * sizeof(float);
+  kernels::rotor_network_rotation_kernel<kInverse><<<blocks, kernels::kRotorNetworkThreads, shared_bytes, stream>>>(
+      in, out, parameters, n, static_cast<int>(dim), static_cast<int>(padded_dim),
+      static_cast<int>(plan.butterfly_size), rows_per_block, plan.scale, stages);
+}
+
 }  // namespace
 
 DeviceRotation::DeviceRotation(const Rotation& rotation, int device)
@@ -105,6 +129,12 @@ DeviceRotation::DeviceRotation(const Rotation& rotation, int device)
       (padded_dim_ > kMaxDeviceHadamardPaddedDim || (padded_dim_ & (padded_dim_ - 1)) != 0)) {
     throw ValueError(expected_got(std::string(context) + ": hadamard padded_dim on the GPU",
                                   "a power of two <= " + std::to_string(kMaxDeviceHadamardPaddedDim) +
+                                      " (one row's transform must fit in a thread block's shared memory)",
+                                  std::to_string(padded_dim_)));
+  }
+  if (kind_ == RotationKind::kRotorNetwork && padded_dim_ > kMaxDeviceRotorNetworkPaddedDim) {
+    throw ValueError(expected_got(std::string(context) + ": rotor_network padded_dim on the GPU",
+                                  "<= " + std::to_string(kMaxDeviceRotorNetworkPaddedDim) +
                                       " (one row's transform must fit in a thread block's shared memory)",
                                   std::to_string(padded_dim_)));
   }
@@ -191,6 +221,9 @@ void launch_rotation(RotationKind kind, const float* parameters, const float* in
     case RotationKind::kQuat:
       launch_block_rotation<kernels::QuaternionBlock, kInverse>(in, out, parameters, n, dim, padded_dim,
                                                                 multiprocessor_count, stream);
+      break;
+    case RotationKind::kRotorNetwork:
+      launch_rotor_network_rotation<kInverse>(in, out, parameters, n, dim, padded_dim, multiprocessor_count, stream);
       break;
   }
   detail::check_launch(context);

@@ -4,7 +4,9 @@
 // (rotation.hpp, parameters()) in float32 with 64-bit row indexing:
 //   block kinds (rotor3, planar, quat): one thread per (row, group), grid-stride loop;
 //   dense: a tiled GEMM (64 x 64 output tiles, 16-deep k tiles in shared memory);
-//   hadamard: a fast Walsh-Hadamard transform of whole rows in shared memory.
+//   hadamard: a fast Walsh-Hadamard transform of whole rows in shared memory;
+//   rotor_network: the same butterflies on segments of 2^a, then the odd-radix block stages,
+//   on whole rows in shared memory (bit-identical to the CPU forward map).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -265,6 +267,126 @@ __global__ void __launch_bounds__(kHadamardThreads)
         if (j < dim) out[row * dim + j] = buffer[e] * scale * __ldg(signs + j);
       } else {
         out[row * p + j] = buffer[e] * scale;
+      }
+    }
+    __syncthreads();  // the next row group overwrites the buffer
+  }
+}
+
+// ---- rotor_network: y = (B_{r_Q} (x) ... (x) B_{r_1} (x) H_{2^a}) (s .* pad(x)) * scale -------------
+// Stage plan of detail::RotorNetworkPlan, passed by value (kernel parameter space).
+struct RotorNetworkStages {
+  int num_odd_stages;
+  int radix[16];
+  int stride[16];
+  int block_offset[16];
+};
+
+// One group of radix R at buffer[base + l * stride], l < R: v <- B v (forward, canonical fmaf chain
+// from +0.0f over l ascending, as the CPU) or v <- B^T v (inverse).
+template <int R, bool kTranspose>
+__device__ __forceinline__ void rotor_network_group(float* buffer, int base, int stride,
+                                                    const float* __restrict__ block) {
+  float v[R], y[R];
+#pragma unroll
+  for (int l = 0; l < R; ++l) v[l] = buffer[base + l * stride];
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    float acc = 0.0f;
+#pragma unroll
+    for (int l = 0; l < R; ++l) acc = fmaf(__ldg(block + (kTranspose ? l * R + k : k * R + l)), v[l], acc);
+    y[k] = acc;
+  }
+#pragma unroll
+  for (int k = 0; k < R; ++k) buffer[base + k * stride] = y[k];
+}
+
+// One odd stage over the whole shared buffer (rows_per_block rows of p floats; r * stride divides p).
+template <bool kTranspose>
+__device__ __forceinline__ void rotor_network_odd_stage(float* buffer, int elements, int radix, int stride,
+                                                        const float* __restrict__ block) {
+  const int groups = elements / radix;
+  for (int item = threadIdx.x; item < groups; item += blockDim.x) {
+    const int outer = item / stride, t = item - outer * stride;
+    const int base = outer * radix * stride + t;
+    switch (radix) {
+      case 3: rotor_network_group<3, kTranspose>(buffer, base, stride, block); break;
+      case 5: rotor_network_group<5, kTranspose>(buffer, base, stride, block); break;
+      default: rotor_network_group<7, kTranspose>(buffer, base, stride, block); break;
+    }
+  }
+  __syncthreads();
+}
+
+// Butterflies (a, b) -> (a + b, a - b) on pairs (i, i + h), h = 1, ..., butterfly_size / 2: segments of
+// butterfly_size are aligned in the buffer (it divides p), so pairs stay inside their segment.
+__device__ __forceinline__ void rotor_network_butterflies(float* buffer, int elements, int butterfly_size) {
+  for (int h = 1; h < butterfly_size; h <<= 1) {
+    for (int q = threadIdx.x; q < elements / 2; q += blockDim.x) {
+      const int i = ((q & ~(h - 1)) << 1) | (q & (h - 1));
+      const float a = buffer[i], b = buffer[i + h];
+      buffer[i] = __fadd_rn(a, b);
+      buffer[i + h] = __fsub_rn(a, b);
+    }
+    __syncthreads();
+  }
+}
+
+constexpr int kRotorNetworkThreads = 256;
+constexpr int kRotorNetworkBlockElements = 2048;  // rows per block = max(1, 2048 / p)
+
+// apply:   in (n, dim) -> out (n, p): s .* pad(x), butterflies, odd stages q = 1..Q, * scale.
+// inverse: in (n, p) -> out (n, dim): odd stages q = Q..1 transposed, butterflies, * scale * s, [:dim].
+// parameters: p signs then the blocks (rotation.hpp). blockIdx.x walks groups of rows (grid-stride).
+template <bool kInverse>
+__global__ void __launch_bounds__(kRotorNetworkThreads)
+    rotor_network_rotation_kernel(const float* __restrict__ in, float* __restrict__ out,
+                                  const float* __restrict__ parameters, std::int64_t n, int dim, int p,
+                                  int butterfly_size, int rows_per_block, float scale, RotorNetworkStages stages) {
+  extern __shared__ float buffer[];
+  const int elements = rows_per_block * p;
+  const std::int64_t row_groups = (n + rows_per_block - 1) / rows_per_block;
+
+  for (std::int64_t row_group = blockIdx.x; row_group < row_groups; row_group += gridDim.x) {
+    const std::int64_t first_row = row_group * rows_per_block;
+
+    for (int e = threadIdx.x; e < elements; e += blockDim.x) {
+      const int local_row = e / p, j = e - local_row * p;
+      const std::int64_t row = first_row + local_row;
+      float value = 0.0f;
+      if (row < n) {
+        if (kInverse) {
+          value = in[row * p + j];
+        } else if (j < dim) {
+          value = __fmul_rn(in[row * dim + j], __ldg(parameters + j));
+        }
+      }
+      buffer[e] = value;
+    }
+    __syncthreads();
+
+    if (kInverse) {
+      for (int q = stages.num_odd_stages - 1; q >= 0; --q) {
+        rotor_network_odd_stage<true>(buffer, elements, stages.radix[q], stages.stride[q],
+                                      parameters + stages.block_offset[q]);
+      }
+      rotor_network_butterflies(buffer, elements, butterfly_size);
+    } else {
+      rotor_network_butterflies(buffer, elements, butterfly_size);
+      for (int q = 0; q < stages.num_odd_stages; ++q) {
+        rotor_network_odd_stage<false>(buffer, elements, stages.radix[q], stages.stride[q],
+                                       parameters + stages.block_offset[q]);
+      }
+    }
+
+    for (int e = threadIdx.x; e < elements; e += blockDim.x) {
+      const int local_row = e / p, j = e - local_row * p;
+      const std::int64_t row = first_row + local_row;
+      if (row >= n) continue;
+      if (kInverse) {
+        if (j < dim) out[row * dim + j] = buffer[e] * scale * __ldg(parameters + j);
+      } else {
+        out[row * p + j] = __fmul_rn(buffer[e], scale);
       }
     }
     __syncthreads();  // the next row group overwrites the buffer

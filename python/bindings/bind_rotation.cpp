@@ -74,7 +74,7 @@ void bind_rotation(py::module_& m) {
 
   m.def(
       "rotation_kinds", []() { return rotorquant::rotation_kind_names(); },
-      "Names of the rotation kinds: identity, dense, hadamard, rotor3, planar, quat.");
+      "Names of the rotation kinds: identity, dense, hadamard, rotor3, planar, quat, rotor_network.");
   m.def(
       "rotation_padded_dim",
       [](const std::string& kind, std::int64_t dim) {

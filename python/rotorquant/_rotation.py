@@ -11,7 +11,7 @@ from . import _interop
 
 
 def rotation_kinds():
-    """Names of all rotation kinds: identity, dense, hadamard, rotor3, planar, quat."""
+    """Names of all rotation kinds: identity, dense, hadamard, rotor3, planar, quat, rotor_network."""
     return list(_core.rotation_kinds())
 
 

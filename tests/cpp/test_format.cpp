@@ -664,7 +664,7 @@ TEST(codes_reader_rejects_inconsistent_headers_with_valid_checksum) {
   CHECK(rejects(patched(kOffVersion, 2, 4), "unsupported format version: expected 1, got 2"));
   CHECK(rejects(patched(kOffBits, 0, 1), "bits"));
   CHECK(rejects(patched(kOffBits, 9, 1), "bits"));
-  CHECK(rejects(patched(kOffRotation, 6, 1), "rotation kind"));
+  CHECK(rejects(patched(kOffRotation, 7, 1), "rotation kind"));
   CHECK(rejects(patched(kOffMode, 2, 1), "mode"));
   CHECK(rejects(patched(kOffCodebook, 2, 1), "codebook"));
   CHECK(rejects(patched(kOffNormDtype, 2, 1), "norm dtype"));

@@ -85,6 +85,7 @@ TEST(purpose_values_are_frozen) {
   CHECK(static_cast<std::uint32_t>(RandomPurpose::kPlanar) == 4);
   CHECK(static_cast<std::uint32_t>(RandomPurpose::kQuaternion) == 5);
   CHECK(static_cast<std::uint32_t>(RandomPurpose::kQJL) == 6);
+  CHECK(static_cast<std::uint32_t>(RandomPurpose::kRotorNetworkSigns) == 7);
   CHECK(static_cast<std::uint32_t>(RandomPurpose::kTest) == 0xFFFF);
 }
 
@@ -174,7 +175,8 @@ TEST(distinct_streams_seeds_and_indices_differ) {
   std::set<std::uint32_t> first_words;
   const RandomPurpose purposes[] = {RandomPurpose::kDenseRotation, RandomPurpose::kHadamardSigns,
                                     RandomPurpose::kRotor3,        RandomPurpose::kPlanar,
-                                    RandomPurpose::kQuaternion,    RandomPurpose::kQJL};
+                                    RandomPurpose::kQuaternion,    RandomPurpose::kQJL,
+                                    RandomPurpose::kRotorNetworkSigns};
   int streams = 0;
   for (RandomPurpose purpose : purposes) {
     for (std::uint32_t sub = 0; sub < 4; ++sub) {

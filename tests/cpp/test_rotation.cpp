@@ -20,7 +20,8 @@ using rotorquant::RotationKind;
 namespace {
 
 const std::vector<RotationKind> kAllKinds = {RotationKind::kIdentity, RotationKind::kDense,  RotationKind::kHadamard,
-                                             RotationKind::kRotor3,   RotationKind::kPlanar, RotationKind::kQuat};
+                                             RotationKind::kRotor3,   RotationKind::kPlanar, RotationKind::kQuat,
+                                             RotationKind::kRotorNetwork};
 const std::vector<std::int64_t> kDims = {1, 2, 3, 5, 7, 8, 63, 64, 96, 128, 130};
 
 // n rows of dim floats, each a random unit vector (Gaussian then normalized).
@@ -57,6 +58,15 @@ std::int64_t expected_padded_dim(RotationKind kind, std::int64_t dim) {
     case RotationKind::kRotor3: return 3 * ceil_div(dim, 3);
     case RotationKind::kPlanar: return 2 * ceil_div(dim, 2);
     case RotationKind::kQuat: return 4 * ceil_div(dim, 4);
+    case RotationKind::kRotorNetwork: {  // smallest 2^a 3^i 5^j 7^k >= dim
+      for (std::int64_t p = dim;; ++p) {
+        std::int64_t rest = p;
+        for (std::int64_t f : {2, 3, 5, 7}) {
+          while (rest % f == 0) rest /= f;
+        }
+        if (rest == 1) return p;
+      }
+    }
     default: return dim;
   }
 }
@@ -122,7 +132,8 @@ int popcount(std::uint64_t v) {
 }  // namespace
 
 TEST(kind_names_and_parsing) {
-  const std::vector<std::string> expected = {"identity", "dense", "hadamard", "rotor3", "planar", "quat"};
+  const std::vector<std::string> expected = {"identity", "dense", "hadamard", "rotor3", "planar", "quat",
+                                             "rotor_network"};
   CHECK(rotorquant::rotation_kind_names() == expected);
   for (std::size_t i = 0; i < expected.size(); ++i) {
     CHECK(rotorquant::parse_rotation_kind(expected[i]) == static_cast<RotationKind>(i));
@@ -158,6 +169,7 @@ TEST(validation) {
   }
   CHECK_THROWS(Rotation(RotationKind::kDense, 16385, 0), rotorquant::ValueError);
   CHECK_THROWS(Rotation(RotationKind::kHadamard, (std::int64_t{1} << 24) + 1, 0), rotorquant::ValueError);
+  CHECK_THROWS(Rotation(RotationKind::kRotorNetwork, (std::int64_t{1} << 24) + 1, 0), rotorquant::ValueError);
   CHECK_THROWS(Rotation(static_cast<RotationKind>(17), 8, 0), rotorquant::TypeError);
   try {
     Rotation(RotationKind::kRotor3, 0, 0);
@@ -186,6 +198,9 @@ TEST(padded_dim_and_parameter_count) {
         case RotationKind::kRotor3: count = 4 * ceil_div(dim, 3); break;
         case RotationKind::kPlanar: count = 2 * ceil_div(dim, 2); break;
         case RotationKind::kQuat: count = 8 * ceil_div(dim, 4); break;
+        case RotationKind::kRotorNetwork:  // signs, then one r x r block per distinct odd prime factor
+          count = p + (p % 3 == 0 ? 9 : 0) + (p % 5 == 0 ? 25 : 0) + (p % 7 == 0 ? 49 : 0);
+          break;
       }
       CHECK(rotation.num_parameters() == count);
       CHECK(static_cast<std::int64_t>(rotation.parameters().size()) == count);
@@ -266,8 +281,11 @@ TEST(non_identity_kinds_really_rotate) {
   for (RotationKind kind : kAllKinds) {
     if (kind == RotationKind::kIdentity) continue;
     for (std::int64_t dim : kDims) {
-      // dense/hadamard of dim 1 is a 1x1 matrix +-1, which may be the identity.
-      if (dim == 1 && (kind == RotationKind::kDense || kind == RotationKind::kHadamard)) continue;
+      // dense/hadamard/rotor_network of dim 1 is a 1x1 matrix +-1, which may be the identity.
+      if (dim == 1 && (kind == RotationKind::kDense || kind == RotationKind::kHadamard ||
+                       kind == RotationKind::kRotorNetwork)) {
+        continue;
+      }
       const Rotation rotation(kind, dim, 2024);
       const std::int64_t p = rotation.padded_dim();
       const std::vector<double> m = rotation.matrix();

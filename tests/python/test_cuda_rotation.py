@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 if not rotorquant.has_cuda():
     pytest.skip("rotorquant was built without CUDA or sees no CUDA device", allow_module_level=True)
 
-KINDS = ["identity", "dense", "hadamard", "rotor3", "planar", "quat"]
-DIMS = [1, 3, 5, 63, 64, 96, 128, 130, 256]
+KINDS = ["identity", "dense", "hadamard", "rotor3", "planar", "quat", "rotor_network"]
+DIMS = [1, 3, 5, 63, 64, 80, 96, 112, 128, 130, 256]
 BATCHES = [0, 1, 7, 1000, 4097]
 RELATIVE_TOLERANCE = 1e-5
 DEVICE = torch.device("cuda", 0)

@@ -6,7 +6,7 @@ import pytest
 
 import rotorquant as rq
 
-KINDS = ["identity", "dense", "hadamard", "rotor3", "planar", "quat"]
+KINDS = ["identity", "dense", "hadamard", "rotor3", "planar", "quat", "rotor_network"]
 
 
 def unit_vectors(n, d, seed):
@@ -47,7 +47,7 @@ def test_rotation_inside_quantizer_is_not_a_no_op():
         q = rq.Quantizer(128, 3, rotation=kind, seed=0)
         errors[kind] = float(np.sum((q.decode(q.encode(x)) - x) ** 2) / 9.0)
     assert errors["identity"] > 0.5
-    for kind in ("dense", "hadamard"):
+    for kind in ("dense", "hadamard", "rotor_network"):
         assert errors[kind] < 0.1, errors
     identity_out = rq.Quantizer(128, 3, rotation="identity").decode(rq.Quantizer(128, 3, rotation="identity").encode(x))
     for kind in ("rotor3", "planar", "quat"):  # block rotations spread the spike over their block only

@@ -8,7 +8,7 @@ import pytest
 
 import rotorquant as rq
 
-KINDS = ["identity", "dense", "hadamard", "rotor3", "planar", "quat"]
+KINDS = ["identity", "dense", "hadamard", "rotor3", "planar", "quat", "rotor_network"]
 
 
 def test_rotation_kinds_lists_every_kind():
@@ -49,9 +49,10 @@ def test_rotation_is_not_a_silent_no_op(kind):
 def test_padded_dim_and_parameter_count(kind):
     dim = 130
     r = rq.Rotation(kind, dim, seed=1)
-    expected_padded = {"identity": 130, "dense": 130, "hadamard": 256, "rotor3": 132, "planar": 130, "quat": 132}[kind]
+    expected_padded = {"identity": 130, "dense": 130, "hadamard": 256, "rotor3": 132, "planar": 130, "quat": 132,
+                       "rotor_network": 135}[kind]  # 135 = 3^3 * 5: 130..134 have a prime factor > 7
     expected_params = {"identity": 0, "dense": 130 * 130, "hadamard": 256, "rotor3": 44 * 4, "planar": 65 * 2,
-                       "quat": 33 * 8}[kind]
+                       "quat": 33 * 8, "rotor_network": 135 + 3 * 3 + 5 * 5}[kind]
     assert r.padded_dim == expected_padded
     assert r.num_parameters == expected_params == r.parameters().size
 

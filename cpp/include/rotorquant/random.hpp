@@ -26,6 +26,7 @@ enum class RandomPurpose : std::uint32_t {
   kPlanar = 4,
   kQuaternion = 5,
   kQJL = 6,
+  kRotorNetworkSigns = 7,
   kTest = 0xFFFF,
 };
 

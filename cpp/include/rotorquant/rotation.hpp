@@ -25,9 +25,12 @@ enum class RotationKind : int {
   kRotor3 = 3,    // Cl(3,0) rotor sandwich R v R~ per group of 3; padded_dim = 3*ceil(dim/3)
   kPlanar = 4,    // Givens rotation per pair; padded_dim = 2*ceil(dim/2)
   kQuat = 5,      // 4-D rotation qL v qR per group of 4; padded_dim = 4*ceil(dim/4)
+  kRotorNetwork = 6,  // random signs, Hadamard butterflies, balanced odd-radix rotor blocks (3, 5, 7);
+                      // padded_dim = smallest 2^a 3^i 5^j 7^k >= dim (docs/rotor_network.md)
 };
 
-// Names used everywhere (Python, files): "identity", "dense", "hadamard", "rotor3", "planar", "quat".
+// Names used everywhere (Python, files): "identity", "dense", "hadamard", "rotor3", "planar", "quat",
+// "rotor_network".
 const std::vector<std::string>& rotation_kind_names();
 std::string rotation_kind_name(RotationKind kind);
 RotationKind parse_rotation_kind(const std::string& name);  // throws TypeError on an unknown name
@@ -37,7 +40,7 @@ std::int64_t rotation_padded_dim(RotationKind kind, std::int64_t dim);
 
 class Rotation {
  public:
-  // dim >= 1 (hadamard: dim <= 2^24; dense: dim <= 4096, built by an O(d^3) QR). Throws ValueError otherwise.
+  // dim >= 1 (hadamard, rotor_network: dim <= 2^24; dense: dim <= 4096, built by an O(d^3) QR). Throws ValueError otherwise.
   Rotation(RotationKind kind, std::int64_t dim, std::uint64_t seed = 0);
 
   RotationKind kind() const { return kind_; }
@@ -56,6 +59,10 @@ class Rotation {
   //   planar:   2 floats per pair [c, s] = [cos t, sin t]: (y0, y1) = (c x0 - s x1, s x0 + c x1)
   //   quat:     8 floats per group: left unit quaternion (w, x, y, z), then right (w, x, y, z);
   //             v = x0 + x1 i + x2 j + x3 k, y = qL * v * qR (Hamilton product)
+  //   rotor_network: padded_dim signs (+1/-1), then one r x r row-major block B_r per distinct odd
+  //             prime factor r of padded_dim (ascending: 3, 5, 7; fixed constants):
+  //             y = (B_{r_Q} (x) ... (x) B_{r_1} (x) H_{2^a} / sqrt(2^a)) (s .* pad(x)),
+  //             padded_dim = 2^a r_1 ... r_Q (detail/rotor_network.hpp, docs/rotor_network.md)
   const std::vector<float>& parameters() const { return parameters_; }
   // Number of stored float parameters (parameters().size()).
   std::int64_t num_parameters() const { return static_cast<std::int64_t>(parameters_.size()); }
@@ -81,6 +88,7 @@ class Rotation {
   std::vector<float> parameters_;
   // Derived from parameters_ at construction, for speed only (not part of the contract):
   // dense: M^T row-major; rotor3 / planar / quat: one row-major k x k block matrix per group.
+  // rotor_network: unused (its stage plan is recomputed from padded_dim, see rotor_network.hpp).
   std::vector<float> fast_matrices_;
 };
 

@@ -33,6 +33,8 @@ std::string runtime_version_string();
 // Largest padded_dim of a hadamard rotation on the GPU (one row's transform lives in the
 // shared memory of one thread block).
 constexpr std::int64_t kMaxDeviceHadamardPaddedDim = 8192;
+// Largest padded_dim of a rotor_network rotation on the GPU (same reason).
+constexpr std::int64_t kMaxDeviceRotorNetworkPaddedDim = 8192;
 
 // A rotation whose parameters live in the memory of one CUDA device.
 class DeviceRotation {
