@@ -18,6 +18,10 @@ Inner product: ``--queries`` queries (default 16) against all n codes. Its "vect
 per second per query (n * queries / s); GB/s is the float32 bytes those vectors stand for per second.
 
     python benchmarks/bench_cpu.py [--n 1000000] [--quick] [--bits 2 3 4] [--rotations ...] [--modes ...]
+                                   [--repeat 2] [--threads N]
+
+rotorquant's CPU kernels are picked at run time (AVX-512, AVX2+FMA or portable); ROTORQUANT_CPU_KERNELS=avx2 (or
+portable) forces one. The machine line prints which build the CPU flags select.
 """
 from __future__ import annotations
 
@@ -40,6 +44,26 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_kernel_build() -> str:
+    """The kernel build rotorquant's dispatcher picks (cpp/src/simd_dispatch.cpp), from the CPU flags."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return "unknown"
+    supported = ["portable"]
+    if {"avx2", "fma"} <= flags:
+        supported.append("avx2")
+        if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+            supported.append("avx512")
+    forced = os.environ.get("ROTORQUANT_CPU_KERNELS")
+    return forced if forced in supported else supported[-1]
 
 
 def timed(fn, repeat: int):
@@ -187,6 +211,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=1, help="best of this many timed calls")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for rotorquant AND faiss (default 0: all cores); 1 gives a comparison that "
+                             "a loaded machine disturbs less (OpenMP suffers most from oversubscription)")
     parser.add_argument("--quick", action="store_true",
                         help="n=50k, bits 3 only, rotations dense/hadamard/rotor3, best of 2 (< 1 minute)")
     parser.add_argument("--no-faiss", action="store_true")
@@ -197,8 +224,8 @@ def main() -> None:
         args.rotations = args.rotations or ["dense", "hadamard", "rotor3"]
     rotations = args.rotations or rotorquant.rotation_kinds()
 
-    cores = os.cpu_count()
-    rotorquant.set_num_threads(0)  # all cores
+    cores = args.threads if args.threads > 0 else os.cpu_count()
+    rotorquant.set_num_threads(args.threads)  # 0: all cores
     faiss = None
     if not args.no_faiss:
         try:
@@ -206,7 +233,8 @@ def main() -> None:
             faiss.omp_set_num_threads(cores)
         except ImportError:
             print("faiss not installed (pip install faiss-cpu): skipping the faiss baseline")
-    print(f"machine: {cpu_model()}, {cores} logical cores; rotorquant threads {rotorquant.num_threads()}"
+    print(f"machine: {cpu_model()}, {os.cpu_count()} logical cores; rotorquant threads {rotorquant.num_threads()}, "
+          f"{cpu_kernel_build()} kernels"
           + (f", faiss {faiss.__version__} threads {faiss.omp_get_max_threads()}" if faiss else "")
           + f"; numpy {np.__version__}")
     print(f"n={args.n} vectors, d={args.dim}, {args.queries} queries for inner product, best of {args.repeat}; "

@@ -10,6 +10,7 @@
 
 #include "rotorquant/clifford.hpp"
 #include "rotorquant/detail/hadamard.hpp"
+#include "rotorquant/detail/kernels.hpp"
 #include "rotorquant/detail/householder.hpp"
 #include "rotorquant/detail/rotor_network.hpp"
 #include "rotorquant/error.hpp"
@@ -113,114 +114,6 @@ void block_matrix(RotationKind kind, const float* p, double* m) {
       break;
     }
     default: break;
-  }
-}
-
-// Register tile of dense_rows: kTileRows x kTileColumns outputs accumulated in locals
-// (fixed trip counts, so the compiler keeps them in vector registers).
-constexpr std::int64_t kTileRows = 4;
-constexpr std::int64_t kTileColumns = 16;
-
-void dense_tile(const float* __restrict mat, std::int64_t in_dim, std::int64_t out_dim, const float* __restrict in,
-                float* __restrict out, std::int64_t r0, std::int64_t c0) {
-  float acc[kTileRows][kTileColumns] = {};
-  const float* row_in[kTileRows];
-  for (std::int64_t r = 0; r < kTileRows; ++r) row_in[r] = in + (r0 + r) * in_dim;
-  for (std::int64_t j = 0; j < in_dim; ++j) {
-    const float* __restrict m = mat + j * out_dim + c0;
-    for (std::int64_t r = 0; r < kTileRows; ++r) {
-      const float a = row_in[r][j];
-      for (std::int64_t c = 0; c < kTileColumns; ++c) acc[r][c] += a * m[c];
-    }
-  }
-  for (std::int64_t r = 0; r < kTileRows; ++r) {
-    float* y = out + (r0 + r) * out_dim + c0;
-    for (std::int64_t c = 0; c < kTileColumns; ++c) y[c] = acc[r][c];
-  }
-}
-
-// Outputs [r_begin, r_end) x [c_begin, c_end) by a plain loop (tile remainders).
-void dense_edge(const float* __restrict mat, std::int64_t in_dim, std::int64_t out_dim, const float* __restrict in,
-                float* __restrict out, std::int64_t r_begin, std::int64_t r_end, std::int64_t c_begin,
-                std::int64_t c_end) {
-  for (std::int64_t r = r_begin; r < r_end; ++r) {
-    float* __restrict y = out + r * out_dim;
-    for (std::int64_t c = c_begin; c < c_end; ++c) y[c] = 0.0f;
-    for (std::int64_t j = 0; j < in_dim; ++j) {
-      const float a = in[r * in_dim + j];
-      const float* __restrict m = mat + j * out_dim;
-      for (std::int64_t c = c_begin; c < c_end; ++c) y[c] += a * m[c];
-    }
-  }
-}
-
-// out[r] = sum_j in[r][j] * mat[j] for rows r of a batch: mat is in_dim rows of out_dim floats.
-// Register tiles of 4 rows x 16 columns stream mat once per 4 rows; the remainders use a
-// plain axpy loop. Every output is summed over j in ascending order from 0 in both paths,
-// so the result does not depend on the tiling, the batch size or the thread count.
-void dense_rows(const float* __restrict mat, std::int64_t in_dim, std::int64_t out_dim,
-                const float* __restrict in, float* __restrict out, std::int64_t rows) {
-  const std::int64_t full_rows = rows / kTileRows * kTileRows;
-  const std::int64_t full_columns = out_dim / kTileColumns * kTileColumns;
-  for (std::int64_t r0 = 0; r0 < full_rows; r0 += kTileRows) {
-    for (std::int64_t c0 = 0; c0 < full_columns; c0 += kTileColumns) dense_tile(mat, in_dim, out_dim, in, out, r0, c0);
-    if (full_columns < out_dim) dense_edge(mat, in_dim, out_dim, in, out, r0, r0 + kTileRows, full_columns, out_dim);
-  }
-  if (full_rows < rows) dense_edge(mat, in_dim, out_dim, in, out, full_rows, rows, 0, out_dim);
-}
-
-// y = blockdiag(B_g) pad(x): x has dim entries, y has groups*K.
-template <int K>
-void block_apply_row(const float* __restrict blocks, std::int64_t groups, std::int64_t dim,
-                     const float* __restrict x, float* __restrict y) {
-  const std::int64_t full = dim / K;
-  for (std::int64_t g = 0; g < full; ++g) {
-    const float* m = blocks + g * K * K;
-    const float* v = x + g * K;
-    float* o = y + g * K;
-    for (int i = 0; i < K; ++i) {
-      float acc = 0.0f;
-      for (int j = 0; j < K; ++j) acc += m[i * K + j] * v[j];
-      o[i] = acc;
-    }
-  }
-  if (full < groups) {  // last group, zero-padded
-    float v[K] = {};
-    for (std::int64_t j = full * K; j < dim; ++j) v[j - full * K] = x[j];
-    const float* m = blocks + full * K * K;
-    float* o = y + full * K;
-    for (int i = 0; i < K; ++i) {
-      float acc = 0.0f;
-      for (int j = 0; j < K; ++j) acc += m[i * K + j] * v[j];
-      o[i] = acc;
-    }
-  }
-}
-
-// x = (blockdiag(B_g)^T y)[:dim]: y has groups*K entries, x has dim.
-template <int K>
-void block_inverse_row(const float* __restrict blocks, std::int64_t groups, std::int64_t dim,
-                       const float* __restrict y, float* __restrict x) {
-  const std::int64_t full = dim / K;
-  for (std::int64_t g = 0; g < full; ++g) {
-    const float* m = blocks + g * K * K;
-    const float* v = y + g * K;
-    float* o = x + g * K;
-    for (int j = 0; j < K; ++j) {
-      float acc = 0.0f;
-      for (int i = 0; i < K; ++i) acc += m[i * K + j] * v[i];
-      o[j] = acc;
-    }
-  }
-  if (full < groups) {
-    const float* m = blocks + full * K * K;
-    const float* v = y + full * K;
-    for (std::int64_t j = full * K; j < dim; ++j) {
-      const int jj = static_cast<int>(j - full * K);
-      float acc = 0.0f;
-      for (int i = 0; i < K; ++i) acc += m[i * K + jj] * v[i];
-      x[j] = acc;
-    }
   }
 }
 
@@ -352,68 +245,46 @@ Rotation::Rotation(RotationKind kind, std::int64_t dim, std::uint64_t seed)
       parameters_ = detail::rotor_network_parameters(p, seed);
       break;
   }
-  if (is_block_kind(kind)) {
-    const int k = block_size(kind), per_block = parameters_per_block(kind);
-    const std::int64_t groups = p / k;
-    fast_matrices_.resize(static_cast<std::size_t>(groups * k * k));
-    double m[16];
-    for (std::int64_t g = 0; g < groups; ++g) {
-      block_matrix(kind, parameters_.data() + g * per_block, m);
-      for (int i = 0; i < k * k; ++i) fast_matrices_[static_cast<std::size_t>(g * k * k + i)] = static_cast<float>(m[i]);
+  if (is_block_kind(kind)) fast_matrices_ = detail::rotation_block_matrices(kind, parameters_, p);
+}
+
+void Rotation::apply_rows(const float* in, float* out, std::int64_t rows) const {
+  const std::int64_t p = padded_dim_;
+  const detail::Kernels& kernels = detail::kernels();
+  switch (kind_) {
+    case RotationKind::kIdentity:
+      std::memcpy(out, in, static_cast<std::size_t>(rows * dim_) * sizeof(float));
+      break;
+    case RotationKind::kDense: kernels.gemm(fast_matrices_.data(), dim_, p, in, dim_, out, p, rows); break;
+    case RotationKind::kHadamard: kernels.hadamard_apply(parameters_.data(), dim_, p, in, out, rows); break;
+    case RotationKind::kRotorNetwork:
+      detail::rotor_network_apply(detail::rotor_network_plan(p), parameters_.data(), dim_, in, out, rows);
+      break;
+    default: {
+      const int k = block_size(kind_);
+      kernels.block_apply(k, fast_matrices_.data(), p / k, dim_, in, out, rows);
+      break;
     }
   }
 }
 
-void Rotation::apply_row(const float* in, float* out, float* scratch) const {
+void Rotation::inverse_rows(const float* in, float* out, std::int64_t rows, float* scratch) const {
   const std::int64_t p = padded_dim_;
+  const detail::Kernels& kernels = detail::kernels();
   switch (kind_) {
     case RotationKind::kIdentity:
-      std::memcpy(out, in, static_cast<std::size_t>(dim_) * sizeof(float));
+      std::memcpy(out, in, static_cast<std::size_t>(rows * dim_) * sizeof(float));
       break;
-    case RotationKind::kDense:
-      dense_rows(fast_matrices_.data(), dim_, p, in, out, 1);
+    case RotationKind::kDense: kernels.gemm(parameters_.data(), p, dim_, in, p, out, dim_, rows); break;
+    case RotationKind::kHadamard: kernels.hadamard_inverse(parameters_.data(), dim_, p, in, out, rows, scratch); break;
+    case RotationKind::kRotorNetwork:
+      detail::rotor_network_inverse(detail::rotor_network_plan(p), parameters_.data(), dim_, in, out, rows);
       break;
-    case RotationKind::kHadamard: {
-      const float* signs = parameters_.data();
-      for (std::int64_t i = 0; i < dim_; ++i) out[i] = in[i] * signs[i];
-      for (std::int64_t i = dim_; i < p; ++i) out[i] = 0.0f;
-      detail::fast_walsh_hadamard_inplace(out, p);
-      const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p)));
-      for (std::int64_t i = 0; i < p; ++i) out[i] *= scale;
+    default: {
+      const int k = block_size(kind_);
+      kernels.block_inverse(k, fast_matrices_.data(), p / k, dim_, in, out, rows);
       break;
     }
-    case RotationKind::kRotor3: block_apply_row<3>(fast_matrices_.data(), p / 3, dim_, in, out); break;
-    case RotationKind::kPlanar: block_apply_row<2>(fast_matrices_.data(), p / 2, dim_, in, out); break;
-    case RotationKind::kQuat: block_apply_row<4>(fast_matrices_.data(), p / 4, dim_, in, out); break;
-    case RotationKind::kRotorNetwork:
-      detail::rotor_network_apply(detail::rotor_network_plan(p), parameters_.data(), dim_, in, out, 1);
-      break;
-  }
-}
-
-void Rotation::inverse_row(const float* in, float* out, float* scratch) const {
-  const std::int64_t p = padded_dim_;
-  switch (kind_) {
-    case RotationKind::kIdentity:
-      std::memcpy(out, in, static_cast<std::size_t>(dim_) * sizeof(float));
-      break;
-    case RotationKind::kDense:
-      dense_rows(parameters_.data(), p, dim_, in, out, 1);
-      break;
-    case RotationKind::kHadamard: {
-      std::memcpy(scratch, in, static_cast<std::size_t>(p) * sizeof(float));
-      detail::fast_walsh_hadamard_inplace(scratch, p);
-      const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p)));
-      const float* signs = parameters_.data();
-      for (std::int64_t i = 0; i < dim_; ++i) out[i] = scratch[i] * scale * signs[i];
-      break;
-    }
-    case RotationKind::kRotor3: block_inverse_row<3>(fast_matrices_.data(), p / 3, dim_, in, out); break;
-    case RotationKind::kPlanar: block_inverse_row<2>(fast_matrices_.data(), p / 2, dim_, in, out); break;
-    case RotationKind::kQuat: block_inverse_row<4>(fast_matrices_.data(), p / 4, dim_, in, out); break;
-    case RotationKind::kRotorNetwork:
-      detail::rotor_network_inverse(detail::rotor_network_plan(p), parameters_.data(), dim_, in, out, 1);
-      break;
   }
 }
 
@@ -436,22 +307,14 @@ std::int64_t row_cost(RotationKind kind, std::int64_t dim, std::int64_t padded_d
 
 }  // namespace
 
+// Rows are independent and every kernel computes each row on its own, so the result does not depend on
+// the thread count or the batch split.
 void Rotation::apply(const float* in, float* out, std::int64_t n) const {
   check_batch("Rotation.apply", in, out, n);
   if (n == 0) return;
   const std::int64_t dim = dim_, p = padded_dim_;
   parallel_for(n, row_cost(kind_, dim, p), [&](std::int64_t begin, std::int64_t end) {
-    if (kind_ == RotationKind::kDense) {
-      dense_rows(fast_matrices_.data(), dim, p, in + begin * dim, out + begin * p, end - begin);
-      return;
-    }
-    if (kind_ == RotationKind::kRotorNetwork) {
-      detail::rotor_network_apply(detail::rotor_network_plan(p), parameters_.data(), dim, in + begin * dim,
-                                  out + begin * p, end - begin);
-      return;
-    }
-    std::vector<float> scratch(kind_ == RotationKind::kHadamard ? static_cast<std::size_t>(p) : 0);
-    for (std::int64_t r = begin; r < end; ++r) apply_row(in + r * dim, out + r * p, scratch.data());
+    apply_rows(in + begin * dim, out + begin * p, end - begin);
   });
 }
 
@@ -460,17 +323,8 @@ void Rotation::inverse(const float* in, float* out, std::int64_t n) const {
   if (n == 0) return;
   const std::int64_t dim = dim_, p = padded_dim_;
   parallel_for(n, row_cost(kind_, dim, p), [&](std::int64_t begin, std::int64_t end) {
-    if (kind_ == RotationKind::kDense) {
-      dense_rows(parameters_.data(), p, dim, in + begin * p, out + begin * dim, end - begin);
-      return;
-    }
-    if (kind_ == RotationKind::kRotorNetwork) {
-      detail::rotor_network_inverse(detail::rotor_network_plan(p), parameters_.data(), dim, in + begin * p,
-                                    out + begin * dim, end - begin);
-      return;
-    }
-    std::vector<float> scratch(kind_ == RotationKind::kHadamard ? static_cast<std::size_t>(p) : 0);
-    for (std::int64_t r = begin; r < end; ++r) inverse_row(in + r * p, out + r * dim, scratch.data());
+    std::vector<float> scratch(static_cast<std::size_t>(p));
+    inverse_rows(in + begin * p, out + begin * dim, end - begin, scratch.data());
   });
 }
 
@@ -522,4 +376,25 @@ std::vector<double> Rotation::matrix() const {
   return m;
 }
 
+namespace detail {
+
+std::vector<float> rotation_block_matrices(RotationKind kind, const std::vector<float>& parameters,
+                                           std::int64_t padded_dim) {
+  if (!is_block_kind(kind)) return {};
+  const int k = block_size(kind), per_block = parameters_per_block(kind);
+  const std::int64_t groups = padded_dim / k;
+  if (static_cast<std::int64_t>(parameters.size()) != groups * per_block) {
+    throw ValueError(expected_got("rotation_block_matrices: parameters", std::to_string(groups * per_block) + " floats",
+                                  std::to_string(parameters.size())));
+  }
+  std::vector<float> blocks(static_cast<std::size_t>(groups * k * k));
+  double m[16];
+  for (std::int64_t g = 0; g < groups; ++g) {
+    block_matrix(kind, parameters.data() + g * per_block, m);
+    for (int i = 0; i < k * k; ++i) blocks[static_cast<std::size_t>(g * k * k + i)] = static_cast<float>(m[i]);
+  }
+  return blocks;
+}
+
+}  // namespace detail
 }  // namespace rotorquant

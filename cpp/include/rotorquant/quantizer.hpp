@@ -26,6 +26,10 @@
 
 namespace rotorquant {
 
+namespace detail {
+struct QuantizerTables;  // derived float tables of the CPU kernels (quantizer.cpp)
+}  // namespace detail
+
 enum class QuantizerMode : int { kMSE = 0, kProd = 1 };
 enum class NormDtype : int { kFloat16 = 0, kFloat32 = 1 };
 
@@ -108,6 +112,8 @@ class Quantizer {
   std::shared_ptr<const LloydMaxCodebook> codebook_;
   PlaneLayout layout_;
   std::vector<float> qjl_matrix_;  // m x padded_dim row-major (prod)
+  // Derived from the above at construction, for speed only (dense M^T, block matrices, S^T).
+  std::shared_ptr<const detail::QuantizerTables> tables_;
 };
 
 // Serialized codes: header (magic "RQCODES1", format version, parameters, n, section sizes), the four

@@ -73,14 +73,16 @@ class Rotation {
   // in and out must not overlap.
   void apply(const float* in, float* out, std::int64_t n) const;
   void inverse(const float* in, float* out, std::int64_t n) const;
+  // The same maps on `rows` rows in the calling thread (no threads started), for callers that run
+  // their own threads over blocks of rows (the quantizer). inverse_rows needs padded_dim floats of scratch.
+  // Each row's result is bit-identical to apply()/inverse() (format.md §8 for the forward map).
+  void apply_rows(const float* in, float* out, std::int64_t rows) const;
+  void inverse_rows(const float* in, float* out, std::int64_t rows, float* scratch) const;
 
   // The orthogonal padded_dim x padded_dim matrix, row-major, in float64.
   std::vector<double> matrix() const;
 
  private:
-  void apply_row(const float* in, float* out, float* scratch) const;
-  void inverse_row(const float* in, float* out, float* scratch) const;
-
   RotationKind kind_;
   std::int64_t dim_;
   std::int64_t padded_dim_;
