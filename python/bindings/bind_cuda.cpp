@@ -8,9 +8,11 @@
 
 #include "bindings.hpp"
 #include "rotorquant/error.hpp"
+#include "rotorquant/quantizer.hpp"
 #include "rotorquant/rotation.hpp"
 
 #ifdef ROTORQUANT_WITH_CUDA
+#include "rotorquant/cuda/codec.hpp"
 #include "rotorquant/cuda/rotation.hpp"
 #endif
 
@@ -25,13 +27,15 @@ namespace {
 const float* as_device_pointer(std::uintptr_t address) { return reinterpret_cast<const float*>(address); }
 float* as_mutable_device_pointer(std::uintptr_t address) { return reinterpret_cast<float*>(address); }
 void* as_stream(std::uintptr_t handle) { return reinterpret_cast<void*>(handle); }
+std::uint8_t* as_bytes(std::uintptr_t address) { return reinterpret_cast<std::uint8_t*>(address); }
 
 #else
 
 constexpr const char* kNoCudaMessage = "rotorquant was built without CUDA support";
 
-// Placeholder type so that `_core.CudaRotation` exists in every build.
+// Placeholder types so that `_core.CudaRotation` / `_core.CudaQuantizer` exist in every build.
 struct CudaRotationUnavailable {};
+struct CudaQuantizerUnavailable {};
 
 #endif
 
@@ -74,6 +78,54 @@ void bind_cuda(py::module_& m) {
           py::arg("in_ptr"), py::arg("out_ptr"), py::arg("n"), py::arg("stream") = 0,
           py::call_guard<py::gil_scoped_release>(),
           "Asynchronous on `stream`: in (n, padded_dim) float32 -> out (n, dim) float32, C-contiguous device memory.");
+
+  using rotorquant::cuda::DeviceQuantizer;
+  py::class_<DeviceQuantizer>(m, "CudaQuantizer",
+                              "A Quantizer's derived data on a CUDA device; fused encode / decode / scores kernels "
+                              "launched on raw device pointers (see cuda/include/rotorquant/cuda/codec.hpp).")
+      .def(py::init<const rotorquant::Quantizer&, int>(), py::arg("quantizer"), py::arg("device") = -1)
+      .def_property_readonly("device", &DeviceQuantizer::device)
+      .def(
+          "encode",
+          [](const DeviceQuantizer& self, std::uintptr_t x, std::int64_t n, std::uintptr_t indices,
+             std::uintptr_t norms, std::uintptr_t signs, std::uintptr_t residual_norms, std::uintptr_t stream,
+             bool check) {
+            const rotorquant::CodesView view{as_bytes(indices), as_bytes(norms), as_bytes(signs),
+                                             as_bytes(residual_norms)};
+            self.encode(as_device_pointer(x), n, view, as_stream(stream), check);
+          },
+          py::arg("x_ptr"), py::arg("n"), py::arg("indices_ptr"), py::arg("norms_ptr"), py::arg("signs_ptr"),
+          py::arg("residual_norms_ptr"), py::arg("stream") = 0, py::arg("check") = true,
+          py::call_guard<py::gil_scoped_release>(),
+          "x (n, dim) float32 -> the four code arrays (device pointers, sized by the quantizer's code sizes).")
+      .def(
+          "decode",
+          [](const DeviceQuantizer& self, std::uintptr_t indices, std::uintptr_t norms, std::uintptr_t signs,
+             std::uintptr_t residual_norms, std::int64_t n, std::uintptr_t out, int dtype, std::uintptr_t stream,
+             bool check) {
+            const rotorquant::ConstCodesView view{as_bytes(indices), as_bytes(norms), as_bytes(signs),
+                                                  as_bytes(residual_norms)};
+            self.decode(view, n, reinterpret_cast<void*>(out), static_cast<rotorquant::cuda::OutputDtype>(dtype),
+                        as_stream(stream), check);
+          },
+          py::arg("indices_ptr"), py::arg("norms_ptr"), py::arg("signs_ptr"), py::arg("residual_norms_ptr"),
+          py::arg("n"), py::arg("out_ptr"), py::arg("dtype") = 0, py::arg("stream") = 0, py::arg("check") = true,
+          py::call_guard<py::gil_scoped_release>(),
+          "codes -> out (n, dim); dtype 0 = float32, 1 = float16, 2 = bfloat16.")
+      .def(
+          "scores",
+          [](const DeviceQuantizer& self, std::uintptr_t indices, std::uintptr_t norms, std::uintptr_t signs,
+             std::uintptr_t residual_norms, std::int64_t n, std::int64_t heads, std::uintptr_t queries,
+             std::int64_t group, std::uintptr_t out, std::uintptr_t stream, bool check) {
+            const rotorquant::ConstCodesView view{as_bytes(indices), as_bytes(norms), as_bytes(signs),
+                                                  as_bytes(residual_norms)};
+            self.scores(view, n, heads, as_device_pointer(queries), group, as_mutable_device_pointer(out),
+                        as_stream(stream), check);
+          },
+          py::arg("indices_ptr"), py::arg("norms_ptr"), py::arg("signs_ptr"), py::arg("residual_norms_ptr"),
+          py::arg("n"), py::arg("heads"), py::arg("queries_ptr"), py::arg("group"), py::arg("out_ptr"),
+          py::arg("stream") = 0, py::arg("check") = true, py::call_guard<py::gil_scoped_release>(),
+          "heads * n codes, queries (heads * group, dim) float32 -> out (heads, group, n) float32.");
 #else
   m.def("cuda_device_count", []() { return 0; }, "Number of usable CUDA devices (always 0: built without CUDA).");
   m.def(
@@ -86,6 +138,11 @@ void bind_cuda(py::module_& m) {
              throw rotorquant::RuntimeError(kNoCudaMessage);
            }),
            py::arg("rotation"), py::arg("device") = -1);
+  py::class_<CudaQuantizerUnavailable>(m, "CudaQuantizer", "Unavailable: rotorquant was built without CUDA support.")
+      .def(py::init([](const rotorquant::Quantizer&, int) -> CudaQuantizerUnavailable* {
+             throw rotorquant::RuntimeError(kNoCudaMessage);
+           }),
+           py::arg("quantizer"), py::arg("device") = -1);
 #endif
 }
 

@@ -201,6 +201,16 @@ void bind_quantizer(py::module_& m) {
             return out;
           },
           "float64 centroids of the mse stage (empty when it has no bits)")
+      .def(
+          "qjl_matrix",
+          [](const Quantizer& q) {
+            const std::vector<float>& s = q.qjl_matrix();
+            const py::ssize_t rows = static_cast<py::ssize_t>(q.qjl_dim()), cols = static_cast<py::ssize_t>(q.padded_dim());
+            py::array_t<float> out({rows, s.empty() ? py::ssize_t{0} : cols});
+            if (!s.empty()) std::memcpy(out.mutable_data(), s.data(), s.size() * sizeof(float));
+            return out;
+          },
+          "float32 QJL matrix S (qjl_dim, padded_dim) of prod mode ((0, 0) in mse mode).")
       .def("rotation_object", [](const Quantizer& q) { return rotorquant::Rotation(q.rotation()); },
            "A copy of the quantizer's Rotation.")
       .def(

@@ -27,10 +27,49 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
+def _is_torch(a: Any) -> bool:
+    return _interop.is_torch_tensor(a)
+
+
+def _nbytes(a: Any) -> int:
+    if _is_torch(a):
+        return int(a.numel() * a.element_size())
+    return int(a.nbytes)
+
+
+def _contiguous(a: Any):
+    """A C-contiguous version of a code array (numpy, torch or CuPy)."""
+    if isinstance(a, np.ndarray):
+        return np.ascontiguousarray(a)
+    if _is_torch(a):
+        return a.contiguous()
+    return _interop._cupy().ascontiguousarray(a)
+
+
+def _to_numpy(a: Any) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return a
+    if _is_torch(a):
+        return a.cpu().numpy()
+    return a.get()
+
+
+def _array_device(a: Any) -> Tuple[str, int]:
+    """("cpu", -1) or ("cuda", index) of a code array."""
+    if isinstance(a, np.ndarray):
+        return "cpu", -1
+    if _is_torch(a):
+        return ("cuda", int(a.device.index)) if a.is_cuda else ("cpu", -1)
+    return "cuda", int(a.device.id)
+
+
 def _params_key(params: Dict[str, Any]) -> Tuple:
     return tuple(params[k] for k in ("dim", "bits", "rotation", "mode", "seed", "codebook", "norm_dtype",
                                      "norm_correction", "qjl_dim"))
 
+
+# Rotation kinds with a fused CUDA encode/decode/scores kernel (cuda/src/codec.cu); others run on the host.
+_FUSED_CUDA_ROTATIONS = frozenset({"identity", "dense", "hadamard", "rotor3", "planar", "quat"})
 
 class Codes:
     """A batch of packed codes: the real bytes of the format (docs/format.md), one row per vector.
@@ -39,6 +78,9 @@ class Codes:
     slicing select along the first batch axis; ``nbytes`` counts every byte held (indices, norms and,
     in prod mode, sign bits and residual norms). Codes remember the framework and dtype of the
     encoded input, which ``Quantizer.decode`` returns by default.
+
+    Codes of CUDA inputs live on the input's GPU (uint8 torch tensors, or CuPy arrays for CuPy
+    inputs); ``device`` says where, and ``to("cpu")`` / ``to("cuda")`` move them (same bytes).
     """
 
     __slots__ = ("_params", "_arrays", "_batch_shape", "_source")
@@ -84,7 +126,42 @@ class Codes:
     @property
     def nbytes(self) -> int:
         """Real bytes held by the packed arrays."""
-        return int(sum(a.nbytes for a in self._arrays.values()))
+        return int(sum(_nbytes(a) for a in self._arrays.values()))
+
+    @property
+    def device(self) -> str:
+        """Where the packed arrays live: "cpu" or "cuda:<index>"."""
+        kind, index = _array_device(self._arrays["norms"])
+        return "cpu" if kind == "cpu" else f"cuda:{index}"
+
+    def to(self, device: Any) -> "Codes":
+        """The same codes on ``device`` ("cpu", "cuda", "cuda:1" or a torch.device): numpy arrays on the CPU,
+        uint8 torch tensors on a GPU. Returns self when they already are there."""
+        name = str(device)
+        if name == "cpu":
+            if self.device == "cpu" and all(isinstance(a, np.ndarray) for a in self._arrays.values()):
+                return self
+            arrays = {k: _to_numpy(a) for k, a in self._arrays.items()}
+            framework, dtype, _, _ = self._source
+            if framework == "cupy":
+                framework, dtype = "numpy", np.dtype(str(dtype))
+            return Codes(self._params, arrays, self._batch_shape, (framework, dtype, "cpu", -1))
+        if not name.startswith("cuda"):
+            raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:<index>', got {device!r}")
+        import torch
+
+        target = torch.device(name)
+        if target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        if self.device == f"cuda:{target.index}":
+            return self
+        arrays = {k: (a if _is_torch(a) else torch.from_numpy(np.ascontiguousarray(_to_numpy(a)))).to(target)
+                  for k, a in self._arrays.items()}
+        framework, dtype, _, _ = self._source
+        if framework != "torch":
+            dtype_name = str(dtype)
+            dtype = getattr(torch, dtype_name) if hasattr(torch, dtype_name) else torch.float32
+        return Codes(self._params, arrays, self._batch_shape, ("torch", dtype, "cuda", int(target.index)))
 
     @property
     def bytes_per_vector(self) -> int:
@@ -95,10 +172,20 @@ class Codes:
         """Packed index bit planes, uint8 of shape batch_shape + (index bytes per vector,)."""
         return self._arrays["indices"]
 
+    def _as_norm_dtype(self, a: Any):
+        name = self._params["norm_dtype"]
+        if _is_torch(a):
+            import torch
+
+            return a.view(getattr(torch, name))[..., 0]
+        if isinstance(a, np.ndarray):
+            return a.view(np.dtype(name).newbyteorder("<"))[..., 0]
+        return a.view(np.dtype(name))[..., 0]
+
     @property
     def norms(self) -> np.ndarray:
-        """Stored norms as float16/float32, shape batch_shape."""
-        return self._arrays["norms"].view(np.dtype(self._params["norm_dtype"]).newbyteorder("<"))[..., 0]
+        """Stored norms as float16/float32, shape batch_shape (on the codes' device)."""
+        return self._as_norm_dtype(self._arrays["norms"])
 
     @property
     def qjl_signs(self) -> np.ndarray:
@@ -106,7 +193,7 @@ class Codes:
 
     @property
     def residual_norms(self) -> np.ndarray:
-        return self._arrays["residual_norms"].view(np.dtype(self._params["norm_dtype"]).newbyteorder("<"))[..., 0]
+        return self._as_norm_dtype(self._arrays["residual_norms"])
 
     def __len__(self) -> int:
         if not self._batch_shape:
@@ -127,20 +214,27 @@ class Codes:
             size = self._batch_shape[0]
             if not -size <= int(key) < size:
                 raise IndexError(f"index {int(key)} is out of range for {size} codes")
-        arrays = {name: np.ascontiguousarray(a[key]) for name, a in self._arrays.items()}
-        batch_shape = arrays["norms"].shape[:-1]
+        def select(a):
+            if _is_torch(a) and isinstance(key, (np.ndarray, list)):
+                import torch
+
+                return a[torch.as_tensor(np.asarray(key), device=a.device)].contiguous()
+            return _contiguous(a[key])
+
+        arrays = {name: select(a) for name, a in self._arrays.items()}
+        batch_shape = tuple(arrays["norms"].shape[:-1])
         return Codes(self._params, arrays, batch_shape, self._source)
 
     def flat(self) -> Dict[str, np.ndarray]:
-        """The four arrays as C-contiguous 2-D (n, bytes) uint8 arrays (what the core reads)."""
-        return {name: np.ascontiguousarray(a.reshape(self.n, a.shape[-1])) for name, a in self._arrays.items()}
+        """The four arrays as C-contiguous 2-D (n, bytes) uint8 arrays (what the core reads), on the codes' device."""
+        return {name: _contiguous(a.reshape(self.n, a.shape[-1])) for name, a in self._arrays.items()}
 
     # -- serialization -------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         """Serialized codes: versioned header with the parameters, the packed arrays, CRC-32 (docs/format.md).
         The batch is flattened to one axis."""
         quantizer = Quantizer._from_params(self._params)
-        f = self.flat()
+        f = self.to("cpu").flat()
         return _core.codes_to_bytes(quantizer._native, f["indices"], f["norms"], f["qjl_signs"], f["residual_norms"])
 
     @staticmethod
@@ -156,7 +250,7 @@ class Codes:
         if not isinstance(other, Codes):
             return NotImplemented
         return (_params_key(self._params) == _params_key(other._params) and self._batch_shape == other._batch_shape
-                and all(np.array_equal(self._arrays[k], other._arrays[k]) for k in _FIELDS))
+                and all(np.array_equal(_to_numpy(self._arrays[k]), _to_numpy(other._arrays[k])) for k in _FIELDS))
 
     __hash__ = None  # mutable-array container
 
@@ -176,7 +270,18 @@ def concatenate(codes: Sequence[Codes]) -> Codes:
                              f"({c._params} vs {codes[0]._params})")
         if c.batch_shape[1:] != codes[0].batch_shape[1:]:
             raise ValueError(f"concatenate: batch shapes {c.batch_shape} and {codes[0].batch_shape} differ beyond axis 0")
-    arrays = {name: np.concatenate([c._arrays[name] for c in codes], axis=0) for name in _FIELDS}
+        if c.device != codes[0].device:
+            raise ValueError(f"concatenate: Codes at position {i} are on {c.device}, the first on {codes[0].device}")
+    first = codes[0]._arrays["norms"]
+    if _is_torch(first):
+        import torch
+
+        arrays = {name: torch.cat([c._arrays[name] for c in codes], dim=0) for name in _FIELDS}
+    elif isinstance(first, np.ndarray):
+        arrays = {name: np.concatenate([c._arrays[name] for c in codes], axis=0) for name in _FIELDS}
+    else:
+        cupy = _interop._cupy()
+        arrays = {name: cupy.concatenate([c._arrays[name] for c in codes], axis=0) for name in _FIELDS}
     batch_shape = (sum(c.batch_shape[0] for c in codes),) + codes[0].batch_shape[1:]
     return Codes(codes[0]._params, arrays, batch_shape, codes[0]._source)
 
@@ -272,13 +377,25 @@ class Quantizer:
         return hash(_params_key(self._params))
 
     # -- work ---------------------------------------------------------------------------
-    def encode(self, x: Any) -> Codes:
-        """Quantizes x of shape (..., dim) (numpy / torch / DLPack, float16/bfloat16/float32/float64).
-        Zero vectors encode to norm 0; NaN or Inf raise ValueError."""
+    def encode(self, x: Any, check: bool = True) -> Codes:
+        """Quantizes x of shape (..., dim) (numpy / torch / CuPy / DLPack, float16/bfloat16/float32/float64).
+        Zero vectors encode to norm 0; NaN or Inf raise ValueError.
+
+        CUDA inputs are encoded on their GPU by the fused kernel, on the caller's current stream, and the
+        codes stay there (bit-identical to the CPU's codes for float32 input). ``check=True`` (default) makes
+        that call wait for the stream once to raise ValueError for NaN/Inf rows or norms that overflow the
+        norm dtype; ``check=False`` keeps it fully asynchronous (such rows then get unspecified codes).
+        On the CPU the checks always run."""
         prepared = _interop.prepare(x, "x", last_dim=self.dim)
+        batch = tuple(prepared.batch_shape)
+        device_native = self._device_native(prepared.device, prepared.device_index)
+        if device_native is not None:
+            arrays = self._encode_on_device(device_native, prepared, bool(check))
+            arrays = {name: a.reshape(batch + (a.shape[-1],)) for name, a in arrays.items()}
+            return Codes(self._params, arrays, batch, (prepared.framework, prepared.dtype, prepared.device,
+                                                        prepared.device_index))
         flat = self._host(prepared)
         indices, norms, signs, residuals = self._native.encode(flat)
-        batch = tuple(prepared.batch_shape)
         arrays = {name: a.reshape(batch + (a.shape[-1],))
                   for name, a in zip(_FIELDS, (indices, norms, signs, residuals))}
         return Codes(self._params, arrays, batch, (prepared.framework, prepared.dtype, prepared.device,
@@ -287,6 +404,9 @@ class Quantizer:
     def decode(self, codes: Codes, dtype: Any = None):
         """Reconstructs (..., dim) vectors, in the framework, device and dtype of the encoded input by default."""
         self._check_codes(codes)
+        kind, index = _array_device(codes._arrays["norms"])
+        if kind == "cuda":
+            return self._decode_on_device(codes, index, dtype)
         f = codes.flat()
         out = self._native.decode(f["indices"], f["norms"], f["qjl_signs"], f["residual_norms"])
         return self._to_source(codes, out.reshape(codes.batch_shape + (self.dim,)), dtype)
@@ -297,11 +417,43 @@ class Quantizer:
         In prod mode the estimate is unbiased."""
         self._check_codes(codes)
         prepared = _interop.prepare(y, "y", last_dim=self.dim)
+        kind, index = _array_device(codes._arrays["norms"])
+        if kind == "cuda":
+            scores = self._scores_on_device(codes, index, prepared, 1, prepared.n)
+            scores = scores.reshape(tuple(prepared.batch_shape) + codes.batch_shape)
+            return scores if prepared.framework != "numpy" else _to_numpy(scores)
         queries = self._host(prepared)
         f = codes.flat()
         scores = self._native.inner_product(f["indices"], f["norms"], f["qjl_signs"], f["residual_norms"], queries)
         scores = scores.reshape(tuple(prepared.batch_shape) + codes.batch_shape)
         return _interop.finish_array(prepared, scores)
+
+    def grouped_scores(self, codes: Codes, queries: Any):
+        """Attention-style scores with grouped queries (GQA): ``codes`` of batch shape (heads, n) (one row of
+        codes per KV head), ``queries`` of shape (heads, group, dim): query g of head h scores the codes of
+        head h only. Returns (heads, group, n) float32 estimates of <q, x>. On the GPU each loaded code serves
+        every query of its head."""
+        self._check_codes(codes)
+        if len(codes.batch_shape) != 2:
+            raise ValueError(f"codes: expected batch shape (heads, n), got {codes.batch_shape}")
+        prepared = _interop.prepare(queries, "queries", last_dim=self.dim)
+        heads, n = codes.batch_shape
+        if len(prepared.batch_shape) != 2 or prepared.batch_shape[0] != heads:
+            raise ValueError(f"queries: expected shape ({heads}, group, {self.dim}), got "
+                             f"{tuple(prepared.batch_shape) + (self.dim,)}")
+        group = prepared.batch_shape[1]
+        kind, index = _array_device(codes._arrays["norms"])
+        if kind == "cuda":
+            scores = self._scores_on_device(codes, index, prepared, heads, group)
+            scores = scores.reshape(heads, group, n)
+            return scores if prepared.framework != "numpy" else _to_numpy(scores)
+        queries_host = self._host(prepared).reshape(heads, group, self.dim)
+        out = np.empty((heads, group, n), dtype=np.float32)
+        for h in range(heads):
+            f = codes[h].flat()
+            out[h] = self._native.inner_product(f["indices"], f["norms"], f["qjl_signs"], f["residual_norms"],
+                                                np.ascontiguousarray(queries_host[h]))
+        return _interop.finish_array(prepared, out)
 
     # -- persistence --------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -351,6 +503,7 @@ class Quantizer:
     def __setstate__(self, state):
         other = Quantizer.from_state_dict(state)
         self._native, self._params = other._native, other._params
+        self._device_natives = {}
 
     # -- helpers ------------------------------------------------------------------------
     def _check_codes(self, codes: Codes) -> None:
@@ -359,9 +512,101 @@ class Quantizer:
         if _params_key(codes._params) != _params_key(self._params):
             raise ValueError(f"codes: made by a different quantizer: expected {self._params}, got {codes._params}")
 
+    def _device_native(self, device: str, index: int):
+        """The cached _core.CudaQuantizer of this quantizer on CUDA device ``index``; None on the CPU or when
+        rotorquant has no CUDA codec for it (no CUDA build, or a rotation kind without a fused kernel yet:
+        rotor_network): inputs then go through the host."""
+        if device != "cuda" or not _core.built_with_cuda or _core.cuda_device_count() == 0:
+            return None
+        if self._params["rotation"] not in _FUSED_CUDA_ROTATIONS:
+            return None  # no fused CUDA codec for this kind yet: the documented host path
+        cache = self.__dict__.setdefault("_device_natives", {})
+        if index not in cache:
+            cache[index] = _core.CudaQuantizer(self._native, index)
+        return cache[index]
+
+    def _require_device_native(self, index: int):
+        native = self._device_native("cuda", index)
+        if native is None:
+            raise RuntimeError("codes on a GPU need rotorquant built with CUDA and a usable CUDA device")
+        return native
+
+    @staticmethod
+    def _empty(framework: str, index: int, shape, dtype_name: str):
+        if framework == "cupy":
+            cupy = _interop._cupy()
+            with cupy.cuda.Device(index):
+                return cupy.empty(shape, dtype=dtype_name)
+        import torch
+
+        return torch.empty(shape, dtype=getattr(torch, dtype_name), device=f"cuda:{index}")
+
+    @staticmethod
+    def _pointer(a: Any) -> int:
+        if a is None:
+            return 0
+        if _is_torch(a):
+            return int(a.data_ptr()) if a.numel() else 0
+        return int(a.data.ptr) if a.size else 0
+
+    @staticmethod
+    def _stream_of(a: Any, index: int) -> int:
+        if _is_torch(a):
+            import torch
+
+            return int(torch.cuda.current_stream(index).cuda_stream)
+        cupy = _interop._cupy()
+        with cupy.cuda.Device(index):
+            return int(cupy.cuda.get_current_stream().ptr)
+
+    def _encode_on_device(self, native, prepared, check: bool) -> Dict[str, Any]:
+        n, nat = prepared.n, self._native
+        framework = "cupy" if prepared.framework == "cupy" else "torch"
+        sizes = (nat.index_bytes, nat.norm_bytes, nat.sign_bytes, nat.residual_norm_bytes)
+        arrays = {name: self._empty(framework, prepared.device_index, (n, size), "uint8")
+                  for name, size in zip(_FIELDS, sizes)}
+        native.encode(prepared.data_ptr(), n, *(self._pointer(arrays[name]) for name in _FIELDS),
+                      prepared.stream(), check)
+        return arrays
+
+    def _decode_on_device(self, codes: Codes, index: int, dtype: Any):
+        native = self._require_device_native(index)
+        framework, src_dtype, _, _ = codes._source
+        framework = "cupy" if not _is_torch(codes._arrays["norms"]) else "torch"
+        prepared = _interop.Prepared(framework, "cuda", index, src_dtype, codes.batch_shape, None)
+        if framework == "torch" and not _is_torch_dtype(src_dtype):
+            import torch
+
+            prepared.dtype = getattr(torch, str(np.dtype(src_dtype)))
+        target = _interop.resolve_dtype(prepared, dtype)
+        name = str(target).replace("torch.", "")
+        kernel_dtype = {"float32": 0, "float16": 1, "bfloat16": 2}.get(name, 0)
+        out_name = name if name in ("float32", "float16", "bfloat16") else "float32"
+        f = codes.flat()
+        out = self._empty(framework, index, (codes.n, self.dim), out_name)
+        native.decode(*(self._pointer(f[k]) for k in _FIELDS), codes.n, self._pointer(out), kernel_dtype,
+                      self._stream_of(f["norms"], index), True)
+        out = out.reshape(codes.batch_shape + (self.dim,))
+        if out_name != name:
+            out = out.to(target) if framework == "torch" else out.astype(target)
+        return out
+
+    def _scores_on_device(self, codes: Codes, index: int, prepared, heads: int, group: int):
+        if prepared.device != "cuda" or prepared.device_index != index:
+            where = "the CPU" if prepared.device != "cuda" else f"cuda:{prepared.device_index}"
+            raise ValueError(f"y: expected queries on the codes' device cuda:{index}, got them on {where}")
+        native = self._require_device_native(index)
+        f = codes.flat()
+        n = codes.n // heads
+        framework = "cupy" if prepared.framework == "cupy" else "torch"
+        out = self._empty(framework, index, (heads * group, n), "float32")
+        native.scores(*(self._pointer(f[k]) for k in _FIELDS), n, heads, prepared.data_ptr(), group,
+                      self._pointer(out), prepared.stream(), True)
+        return out
+
     @staticmethod
     def _host(prepared) -> np.ndarray:
-        """The float32 (n, dim) input on the host. CUDA inputs are copied to the host until the CUDA codec lands."""
+        """The float32 (n, dim) input on the host (CUDA inputs without a CUDA build of rotorquant)."""
         if prepared.device == "cuda":
             flat = prepared.flat
             return flat.cpu().numpy() if _interop.is_torch_tensor(flat) else flat.get()
@@ -373,6 +618,11 @@ class Quantizer:
         prepared = _interop.Prepared(framework, device, device_index, src_dtype, codes.batch_shape, None)
         width = out.shape[-1]
         return _interop.finish(prepared, out.reshape(codes.n, width), width, dtype)
+
+
+def _is_torch_dtype(dtype: Any) -> bool:
+    torch = _interop._torch()
+    return torch is not None and isinstance(dtype, torch.dtype)
 
 
 def TurboQuant(dim: int, bits: int, mode: str = "mse", seed: int = 0, **options) -> Quantizer:

@@ -291,14 +291,34 @@ class TestTorch:
 
 @pytest.mark.cuda
 def test_cuda_tensors_roundtrip_to_cuda():
-    """CUDA inputs are accepted (through the host until the CUDA codec lands) and come back on their device."""
+    """CUDA inputs are encoded on their GPU, the codes stay there, results come back on the device."""
     torch = pytest.importorskip("torch")
     q = rq.Quantizer(128, 3, rotation="hadamard", mode="prod", seed=2)
     x = torch.randn(100, 128, device="cuda", dtype=torch.float16)
     codes = q.encode(x)
+    assert codes.device.startswith("cuda")
     out = q.decode(codes)
     assert out.is_cuda and out.dtype == torch.float16
-    reference = q.decode(q.encode(x.cpu()))
+    reference = q.decode(codes.to("cpu"))
     torch.testing.assert_close(out.cpu(), reference)
     est = q.inner_product(codes, x[:3])
     assert est.is_cuda and est.shape == (3, 100)
+
+
+def test_codes_device_and_grouped_scores_on_the_cpu():
+    """Codes report their device; grouped_scores (GQA layout) equals per-head inner products."""
+    q = rq.Quantizer(64, 3, rotation="rotor3", mode="prod", seed=3)
+    keys = unit_vectors(3 * 20, 64, 1).reshape(3, 20, 64)
+    codes = q.encode(keys)
+    assert codes.device == "cpu" and codes.to("cpu") is codes
+    queries = unit_vectors(3 * 4, 64, 2).reshape(3, 4, 64)
+    scores = q.grouped_scores(codes, queries)
+    assert scores.shape == (3, 4, 20)
+    for h in range(3):
+        np.testing.assert_allclose(scores[h], q.inner_product(codes[h], queries[h]), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="heads"):
+        q.grouped_scores(codes[0], queries)
+    with pytest.raises(ValueError, match="queries"):
+        q.grouped_scores(codes, queries[:2])
+    with pytest.raises(ValueError, match="device"):
+        codes.to("tpu")

@@ -90,6 +90,8 @@ class Quantizer {
   // The codebook of the mse stage (nullptr when mse_bits() == 0).
   const LloydMaxCodebook* codebook() const { return codebook_.get(); }
   const PlaneLayout& layout() const { return layout_; }
+  // The QJL matrix S (prod mode): qjl_dim() x padded_dim() floats, row-major; empty in mse mode.
+  const std::vector<float>& qjl_matrix() const { return qjl_matrix_; }
   CodeSizes code_sizes() const;
   // Parameters held: rotation parameters + QJL matrix entries (m * padded_dim) + codebook centroids.
   std::int64_t num_parameters() const;

@@ -82,6 +82,12 @@ class Rotation {
   // The orthogonal padded_dim x padded_dim matrix, row-major, in float64.
   std::vector<double> matrix() const;
 
+  // The float matrices the CPU encode path derives from parameters() and multiplies by (the canonical
+  // encode arithmetic of docs/format.md uses exactly these floats; the CUDA codec uploads them):
+  //   dense: M^T row-major (padded_dim^2 floats); rotor3 / planar / quat: one row-major k x k block
+  //   matrix per group (groups * k * k floats); identity / hadamard: empty.
+  const std::vector<float>& derived_matrices() const { return fast_matrices_; }
+
  private:
   RotationKind kind_;
   std::int64_t dim_;

@@ -1,0 +1,95 @@
+// Host-side API of the fused CUDA codec (library target rotorquant::cuda).
+//
+// A DeviceQuantizer holds everything a rotorquant::Quantizer derives from its parameters (rotation
+// parameters and the CPU's derived block / dense matrices, float32 codebook boundaries and centroids,
+// the QJL matrix) in the memory of one CUDA device, and launches three fused kernels on raw device
+// pointers and a caller's stream (no CUDA type in this header: streams are `void*` cudaStream_t):
+//
+//   encode:  x (n, dim) float32 -> codes (the four SoA arrays of docs/format.md, byte-identical to
+//            Quantizer::encode on the CPU: the kernels follow "Canonical encode arithmetic" of
+//            docs/format.md: fmaf chains in ascending order, no contraction elsewhere, ties -> upper cell).
+//            One launch; x is read once.
+//   decode:  codes -> (n, dim) float32 / float16 / bfloat16 (CPU result to ~1e-5 relative).
+//   scores:  estimates of <q, x_j> on the codes (never decoding the set), grouped-query layout:
+//            codes of `heads` KV heads (rows h*n .. h*n+n-1), queries (heads * group, dim) row-major
+//            (query row h*group + g belongs to head h) -> out (heads, group, n) float32.
+//            heads = 1, group = m gives Quantizer::inner_product's (m, n).
+//
+// Checks that need the data (non-finite input rows, norms overflowing the norm dtype, corrupted stored
+// norms) are flagged by the kernels in a device status word; with check = true the call waits for its
+// stream once at the end (one cudaStreamSynchronize) and throws ValueError naming the first bad row,
+// like the CPU. With check = false the call is fully asynchronous and bad rows give unspecified codes.
+// Calls that check are serialized per DeviceQuantizer (the status word is shared).
+//
+// Supported on the GPU: padded_dim <= kMaxDeviceCodecPaddedDim (any dim: padded to a multiple of 32 in
+// registers), every rotation kind, bits 1..8 (mse) / 1..8 (prod), any qjl_dim. Others: ValueError.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "rotorquant/quantizer.hpp"
+
+namespace rotorquant {
+namespace cuda {
+
+// Largest padded_dim the fused codec handles (a row lives in the registers of one warp).
+constexpr std::int64_t kMaxDeviceCodecPaddedDim = 512;
+
+enum class OutputDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+class DeviceRotation;
+
+class DeviceQuantizer {
+ public:
+  // Uploads the quantizer's derived data to `device` (-1: the current device); the caller's current
+  // device is unchanged afterwards. ValueError for an unsupported padded_dim or a bad device index,
+  // RuntimeError when CUDA fails.
+  explicit DeviceQuantizer(const Quantizer& quantizer, int device = -1);
+  ~DeviceQuantizer();
+  DeviceQuantizer(const DeviceQuantizer&) = delete;
+  DeviceQuantizer& operator=(const DeviceQuantizer&) = delete;
+
+  int device() const { return device_; }
+  const QuantizerParams& params() const { return params_; }
+  CodeSizes code_sizes() const { return sizes_; }
+
+  // x: n x dim float32 (device). out: the four device arrays sized as in Quantizer::code_sizes()
+  // (indices may be null when there is no mse stage; signs / residual norms only in prod mode).
+  void encode(const float* x, std::int64_t n, const CodesView& out, void* stream, bool check = true) const;
+  // codes -> out (n, dim) in `dtype` (device memory).
+  void decode(const ConstCodesView& codes, std::int64_t n, void* out, OutputDtype dtype, void* stream,
+              bool check = true) const;
+  // codes: heads * n codes; queries: (heads * group, dim) float32; out: (heads, group, n) float32.
+  void scores(const ConstCodesView& codes, std::int64_t n, std::int64_t heads, const float* queries,
+              std::int64_t group, float* out, void* stream, bool check = true) const;
+
+ private:
+  void finish_checks(void* stream, const char* what, bool check) const;
+  void release() noexcept;  // frees the device buffers (destructor, failed construction)
+
+  QuantizerParams params_;
+  CodeSizes sizes_;
+  PlaneLayout layout_;
+  int device_ = 0;
+  int multiprocessor_count_ = 1;
+  std::int64_t dim_ = 0, padded_dim_ = 0, qjl_dim_ = 0, columns_ = 0, qjl_columns_ = 0;
+  int chunks_ = 1;  // coordinates per lane: padded_dim <= 32 * chunks_
+  int mse_bits_ = 0;
+  float zero_centroid_ = 0.0f;
+  // Device buffers (one allocation each; null when unused).
+  float* rotation_parameters_ = nullptr;  // hadamard signs (padded to 32 * chunks_ with zeros) / block params
+  float* forward_matrix_ = nullptr;       // dense: M^T (padded_dim x columns_); blocks: derived k x k matrices
+  float* inverse_matrix_ = nullptr;       // dense: M (padded_dim x columns_)
+  float* qjl_transposed_ = nullptr;       // S^T (padded_dim x qjl_columns_) for encode and query projections
+  float* qjl_matrix_ = nullptr;           // S (qjl_dim x columns_) for decode
+  float* codebook_ = nullptr;             // boundaries (levels - 1) then centroids (levels), float32
+  unsigned long long* status_ = nullptr;  // device: [first bad row, first overflow row]
+  unsigned long long* host_status_ = nullptr;  // pinned mirror
+  std::unique_ptr<DeviceRotation> rotation_;    // queries of scores
+  mutable std::mutex check_mutex_;
+};
+
+}  // namespace cuda
+}  // namespace rotorquant

@@ -1,0 +1,527 @@
+// DeviceQuantizer (codec.hpp): a Quantizer's derived data on a CUDA device and the launches of the
+// fused codec kernels (codec_kernels.cuh). Compiled with --fmad=false (see CMakeLists.txt).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "check.cuh"
+#include "codec_kernels.cuh"
+#include "rotorquant/cuda/codec.hpp"
+#include "rotorquant/cuda/rotation.hpp"
+#include "rotorquant/error.hpp"
+
+namespace rotorquant {
+namespace cuda {
+
+namespace {
+
+using rotorquant::detail::expected_got;
+constexpr int kBlocksPerMultiprocessor = 8;
+constexpr unsigned long long kNoRow = ~0ull;
+
+template <typename T>
+T* upload(const std::vector<T>& host, const char* context) {
+  if (host.empty()) return nullptr;
+  T* device = nullptr;
+  ROTORQUANT_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&device), host.size() * sizeof(T)), context);
+  const cudaError_t error = cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+  if (error != cudaSuccess) {
+    cudaFree(device);
+    detail::throw_cuda_error(error, "cudaMemcpy", context);
+  }
+  return device;
+}
+
+// rows x cols row-major `source` copied into rows x padded_cols with zero columns appended.
+std::vector<float> pad_columns(const float* source, std::int64_t rows, std::int64_t cols, std::int64_t padded_cols) {
+  std::vector<float> out(static_cast<std::size_t>(rows * padded_cols), 0.0f);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    std::memcpy(out.data() + r * padded_cols, source + r * cols, static_cast<std::size_t>(cols) * sizeof(float));
+  }
+  return out;
+}
+
+int chunks_for(std::int64_t padded_dim) {
+  int chunks = 1;
+  while (32 * chunks < padded_dim) chunks *= 2;
+  return chunks;
+}
+
+unsigned grid_for(std::int64_t warp_tiles, int multiprocessor_count) {
+  const std::int64_t blocks = (warp_tiles + codec::kWarps - 1) / codec::kWarps;
+  const std::int64_t cap = static_cast<std::int64_t>(multiprocessor_count) * kBlocksPerMultiprocessor;
+  return static_cast<unsigned>(std::max<std::int64_t>(1, std::min(blocks, cap)));
+}
+
+template <int C>
+std::int64_t warp_tiles(std::int64_t n) {
+  return (n + codec::Tile<C>::kRows - 1) / codec::Tile<C>::kRows;
+}
+
+// ---- dispatch: kind x chunks ----------------------------------------------------------------
+
+template <int Kind, int C>
+void launch_encode_typed(const float* x, const codec::CodecArgs& args, int sms, cudaStream_t stream) {
+  codec::encode_kernel<Kind, C><<<grid_for(warp_tiles<C>(args.n), sms), codec::kThreads, 0, stream>>>(x, args);
+}
+
+template <int Kind, int C>
+void launch_decode_typed(const codec::CodecArgs& args, void* out, OutputDtype dtype, int sms, cudaStream_t stream) {
+  const unsigned grid = grid_for(warp_tiles<C>(args.n), sms);
+  switch (dtype) {
+    case OutputDtype::kFloat32:
+      codec::decode_kernel<Kind, C, float><<<grid, codec::kThreads, 0, stream>>>(args, static_cast<float*>(out));
+      break;
+    case OutputDtype::kFloat16:
+      codec::decode_kernel<Kind, C, __half><<<grid, codec::kThreads, 0, stream>>>(args, static_cast<__half*>(out));
+      break;
+    case OutputDtype::kBFloat16:
+      codec::decode_kernel<Kind, C, __nv_bfloat16>
+          <<<grid, codec::kThreads, 0, stream>>>(args, static_cast<__nv_bfloat16*>(out));
+      break;
+  }
+}
+
+template <int Kind>
+void dispatch_chunks(int chunks, const float* x, const codec::CodecArgs& args, void* out, OutputDtype dtype,
+                     bool encode, int sms, cudaStream_t stream) {
+  switch (chunks) {
+#define ROTORQUANT_CODEC_CASE(C)                                   \
+  case C:                                                          \
+    if (encode) {                                                  \
+      launch_encode_typed<Kind, C>(x, args, sms, stream);          \
+    } else {                                                       \
+      launch_decode_typed<Kind, C>(args, out, dtype, sms, stream); \
+    }                                                              \
+    return;
+    ROTORQUANT_CODEC_CASE(1)
+    ROTORQUANT_CODEC_CASE(2)
+    ROTORQUANT_CODEC_CASE(4)
+    ROTORQUANT_CODEC_CASE(8)
+    ROTORQUANT_CODEC_CASE(16)
+#undef ROTORQUANT_CODEC_CASE
+    default:
+      throw ValueError(expected_got("cuda::DeviceQuantizer: coordinates per lane", "1, 2, 4, 8 or 16",
+                                    std::to_string(chunks)));
+  }
+}
+
+void dispatch(RotationKind kind, int chunks, const float* x, const codec::CodecArgs& args, void* out,
+              OutputDtype dtype, bool encode, int sms, cudaStream_t stream) {
+  switch (kind) {
+    case RotationKind::kIdentity:
+      return dispatch_chunks<codec::kIdentity>(chunks, x, args, out, dtype, encode, sms, stream);
+    case RotationKind::kDense:
+      return dispatch_chunks<codec::kDense>(chunks, x, args, out, dtype, encode, sms, stream);
+    case RotationKind::kHadamard:
+      return dispatch_chunks<codec::kHadamard>(chunks, x, args, out, dtype, encode, sms, stream);
+    case RotationKind::kRotor3:
+      return dispatch_chunks<codec::kRotor3>(chunks, x, args, out, dtype, encode, sms, stream);
+    case RotationKind::kPlanar:
+      return dispatch_chunks<codec::kPlanar>(chunks, x, args, out, dtype, encode, sms, stream);
+    case RotationKind::kQuat:
+      return dispatch_chunks<codec::kQuat>(chunks, x, args, out, dtype, encode, sms, stream);
+  }
+  throw ValueError("cuda::DeviceQuantizer: unknown rotation kind");
+}
+
+template <int C>
+void launch_scores_typed(const codec::CodecArgs& args, std::int64_t n, std::int64_t heads, const float* queries,
+                         const float* projected, int group, float* out, int sms, cudaStream_t stream,
+                         const char* context) {
+  const std::size_t shared_floats = static_cast<std::size_t>(codec::kScoreCodes) * (args.padded_dim + 1) +
+                                    (args.prod ? static_cast<std::size_t>(codec::kScoreCodes) * (args.qjl_dim + 1) : 0) +
+                                    2 * codec::kScoreCodes;
+  const std::size_t shared_bytes = shared_floats * sizeof(float);
+  ROTORQUANT_CUDA_CHECK(cudaFuncSetAttribute(codec::scores_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(shared_bytes)),
+                        context);
+  const std::int64_t tiles = (n + codec::kScoreCodes - 1) / codec::kScoreCodes;
+  const std::int64_t cap = std::max<std::int64_t>(1, static_cast<std::int64_t>(sms) * 16 / std::max<std::int64_t>(1, heads));
+  const dim3 grid(static_cast<unsigned>(std::max<std::int64_t>(1, std::min(tiles, cap))), static_cast<unsigned>(heads));
+  codec::scores_kernel<C><<<grid, codec::kScoreWarps * 32, shared_bytes, stream>>>(args, n, queries, projected, group,
+                                                                                  out);
+}
+
+}  // namespace
+
+DeviceQuantizer::DeviceQuantizer(const Quantizer& quantizer, int device)
+    : params_(quantizer.params()), sizes_(quantizer.code_sizes()), layout_(quantizer.layout()) {
+  const char* context = "cuda::DeviceQuantizer";
+  dim_ = quantizer.dim();
+  padded_dim_ = quantizer.padded_dim();
+  qjl_dim_ = quantizer.qjl_dim();
+  mse_bits_ = quantizer.mse_bits();
+  if (padded_dim_ > kMaxDeviceCodecPaddedDim) {
+    throw ValueError(expected_got(std::string(context) + ": padded_dim on the GPU",
+                                  "<= " + std::to_string(kMaxDeviceCodecPaddedDim) +
+                                      " (a row lives in the registers of one warp); use the CPU for larger dims",
+                                  std::to_string(padded_dim_)));
+  }
+  if (params_.mode == QuantizerMode::kProd && qjl_dim_ > 4 * kMaxDeviceCodecPaddedDim) {
+    throw ValueError(expected_got(std::string(context) + ": qjl_dim on the GPU",
+                                  "<= " + std::to_string(4 * kMaxDeviceCodecPaddedDim), std::to_string(qjl_dim_)));
+  }
+  chunks_ = chunks_for(padded_dim_);
+  columns_ = 32 * chunks_;
+  qjl_columns_ = qjl_dim_ == 0 ? 0 : (qjl_dim_ + columns_ - 1) / columns_ * columns_;
+
+  const int count = device_count();
+  if (count == 0) throw RuntimeError(std::string(context) + ": no CUDA device is available");
+  if (device == -1) {
+    ROTORQUANT_CUDA_CHECK(cudaGetDevice(&device), context);
+  } else if (device < 0 || device >= count) {
+    throw ValueError(expected_got(std::string(context) + ": device",
+                                  "-1 (current) or an index in [0, " + std::to_string(count) + ")",
+                                  std::to_string(device)));
+  }
+  device_ = device;
+  detail::ScopedDevice scoped_device(device_, context);
+  ROTORQUANT_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessor_count_, cudaDevAttrMultiProcessorCount, device_),
+                        context);
+  multiprocessor_count_ = std::max(1, multiprocessor_count_);
+
+  const Rotation& rotation = quantizer.rotation();
+  const std::int64_t p = padded_dim_;
+  try {
+    switch (rotation.kind()) {
+      case RotationKind::kHadamard: {
+        std::vector<float> signs(static_cast<std::size_t>(columns_), 0.0f);
+        std::copy(rotation.parameters().begin(), rotation.parameters().end(), signs.begin());
+        rotation_parameters_ = upload(signs, context);
+        break;
+      }
+      case RotationKind::kDense: {
+        const std::vector<float>& transposed = rotation.derived_matrices();  // M^T
+        if (static_cast<std::int64_t>(transposed.size()) != p * p) {
+          throw RuntimeError(std::string(context) + ": dense derived matrix has the wrong size");
+        }
+        forward_matrix_ = upload(pad_columns(transposed.data(), p, p, columns_), context);
+        inverse_matrix_ = upload(pad_columns(rotation.parameters().data(), p, p, columns_), context);
+        break;
+      }
+      case RotationKind::kRotor3:
+      case RotationKind::kPlanar:
+      case RotationKind::kQuat: {
+        const int k = rotation.kind() == RotationKind::kRotor3 ? 3 : rotation.kind() == RotationKind::kPlanar ? 2 : 4;
+        if (static_cast<std::int64_t>(rotation.derived_matrices().size()) != p * k) {
+          throw RuntimeError(std::string(context) + ": block matrices have the wrong size");
+        }
+        forward_matrix_ = upload(rotation.derived_matrices(), context);
+        break;
+      }
+      case RotationKind::kIdentity: break;
+      default:
+        throw ValueError(expected_got(std::string(context) + ": rotation kind",
+                                      "identity, dense, hadamard, rotor3, planar or quat (kinds with a fused kernel)",
+                                      rotation.kind_name()));
+    }
+    if (const LloydMaxCodebook* codebook = quantizer.codebook()) {
+      std::vector<float> table(codebook->boundaries_f32());
+      table.insert(table.end(), codebook->centroids_f32().begin(), codebook->centroids_f32().end());
+      codebook_ = upload(table, context);
+      zero_centroid_ = codebook->centroids_f32()[static_cast<std::size_t>(codebook->quantize(0.0f))];
+    }
+    if (params_.mode == QuantizerMode::kProd) {
+      const std::vector<float>& s = quantizer.qjl_matrix();
+      if (static_cast<std::int64_t>(s.size()) != qjl_dim_ * p) {
+        throw RuntimeError(std::string(context) + ": QJL matrix has the wrong size");
+      }
+      std::vector<float> transposed(static_cast<std::size_t>(p * qjl_columns_), 0.0f);
+      for (std::int64_t i = 0; i < qjl_dim_; ++i)
+        for (std::int64_t j = 0; j < p; ++j) transposed[static_cast<std::size_t>(j * qjl_columns_ + i)] = s[static_cast<std::size_t>(i * p + j)];
+      qjl_transposed_ = upload(transposed, context);
+      qjl_matrix_ = upload(pad_columns(s.data(), qjl_dim_, p, columns_), context);
+    }
+    ROTORQUANT_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&status_), 4 * sizeof(unsigned long long)), context);
+    ROTORQUANT_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_status_), 4 * sizeof(unsigned long long)),
+                          context);
+    if (rotation.kind() != RotationKind::kHadamard || p <= kMaxDeviceHadamardPaddedDim) {
+      rotation_ = std::make_unique<DeviceRotation>(rotation, device_);
+    }
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+DeviceQuantizer::~DeviceQuantizer() { release(); }
+
+void DeviceQuantizer::release() noexcept {
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  if (previous != device_) cudaSetDevice(device_);
+  for (float** buffer : {&rotation_parameters_, &forward_matrix_, &inverse_matrix_, &qjl_transposed_, &qjl_matrix_,
+                         &codebook_}) {
+    if (*buffer) cudaFree(*buffer);
+    *buffer = nullptr;
+  }
+  if (status_) cudaFree(status_);
+  status_ = nullptr;
+  if (host_status_) cudaFreeHost(host_status_);
+  host_status_ = nullptr;
+  if (previous != device_) cudaSetDevice(previous);
+  cudaGetLastError();
+}
+
+namespace {
+
+void check_count(std::int64_t n, const std::string& what, const char* name) {
+  if (n < 0) throw ValueError(expected_got(what + ": " + name, ">= 0", std::to_string(n)));
+}
+
+void check_pointer(const void* pointer, const std::string& what, const char* name) {
+  if (pointer == nullptr) throw ValueError(expected_got(what + ": " + name, "a non-null device pointer", "null"));
+}
+
+void check_alignment(const void* pointer, std::size_t alignment, const std::string& what, const char* name) {
+  if (reinterpret_cast<std::uintptr_t>(pointer) % alignment != 0) {
+    throw ValueError(expected_got(what + ": " + name, "a pointer aligned to " + std::to_string(alignment) + " bytes",
+                                  "an unaligned pointer"));
+  }
+}
+
+codec::PlaneInfo plane_info(const PlaneLayout& layout) {
+  codec::PlaneInfo info{};
+  info.num_planes = layout.num_planes;
+  for (int p = 0; p < 4; ++p) {
+    info.width[p] = layout.width[p] == 0 ? 1 : layout.width[p];
+    info.shift[p] = layout.shift[p];
+    info.offset[p] = static_cast<int>(layout.plane_offset[p]);
+    info.bytes[p] = static_cast<int>(layout.plane_bytes[p]);
+  }
+  return info;
+}
+
+}  // namespace
+
+void DeviceQuantizer::finish_checks(void* stream, const char* what, bool check) const {
+  detail::check_launch(what);
+  if (!check) return;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  ROTORQUANT_CUDA_CHECK(cudaMemcpyAsync(host_status_, status_, 3 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, s),
+                        what);
+  ROTORQUANT_CUDA_CHECK(cudaStreamSynchronize(s), what);
+  const std::string name(what);
+  if (host_status_[0] != kNoRow) {
+    throw ValueError(name + ": row " + std::to_string(host_status_[0]) +
+                     " contains non-finite values (NaN or Inf): expected finite values");
+  }
+  if (host_status_[1] != kNoRow) {
+    throw ValueError(name + ": the norm of row " + std::to_string(host_status_[1]) + " overflows " +
+                     norm_dtype_name(params_.norm_dtype) +
+                     (params_.norm_dtype == NormDtype::kFloat16
+                          ? ": expected norms <= 65504, use norm_dtype=\"float32\""
+                          : ": expected norms <= 3.4e38"));
+  }
+  if (host_status_[2] != kNoRow) {
+    throw ValueError(expected_got(name + ": stored norm of code " + std::to_string(host_status_[2]),
+                                  "a finite value >= 0", "a corrupted value"));
+  }
+}
+
+void DeviceQuantizer::encode(const float* x, std::int64_t n, const CodesView& out, void* stream, bool check) const {
+  const std::string what = "cuda::DeviceQuantizer::encode";
+  check_count(n, what, "n");
+  if (n == 0) return;
+  const bool prod = params_.mode == QuantizerMode::kProd;
+  check_pointer(x, what, "x");
+  if (mse_bits_ > 0) check_pointer(out.indices, what, "indices");
+  check_pointer(out.norms, what, "norms");
+  check_alignment(out.norms, sizes_.norm_bytes, what, "norms");
+  if (prod) {
+    check_pointer(out.qjl_signs, what, "qjl_signs");
+    check_pointer(out.residual_norms, what, "residual_norms");
+    check_alignment(out.residual_norms, sizes_.norm_bytes, what, "residual_norms");
+  }
+  codec::CodecArgs args{};
+  args.n = n;
+  args.dim = static_cast<int>(dim_);
+  args.padded_dim = static_cast<int>(padded_dim_);
+  args.indices = out.indices;
+  args.norms = out.norms;
+  args.signs = out.qjl_signs;
+  args.residual_norms = out.residual_norms;
+  args.index_bytes = static_cast<int>(sizes_.index_bytes);
+  args.sign_bytes = static_cast<int>(sizes_.sign_bytes);
+  args.norm_bytes = static_cast<int>(sizes_.norm_bytes);
+  args.words_ok_indices = sizes_.index_bytes % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.indices) % 4 == 0 &&
+                          padded_dim_ % 32 == 0;
+  args.words_ok_signs = sizes_.sign_bytes % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.qjl_signs) % 4 == 0;
+  args.planes = plane_info(layout_);
+  args.codebook = codebook_;
+  args.levels = mse_bits_ > 0 ? (1 << mse_bits_) : 0;
+  args.rotation_parameters = rotation_parameters_;
+  args.forward_matrix = forward_matrix_;
+  args.inverse_matrix = inverse_matrix_;
+  args.columns = static_cast<int>(columns_);
+  args.hadamard_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(padded_dim_)));
+  args.prod = prod;
+  args.qjl_dim = static_cast<int>(qjl_dim_);
+  args.qjl_columns = static_cast<int>(qjl_columns_);
+  args.qjl_transposed = qjl_transposed_;
+  args.qjl_matrix = qjl_matrix_;
+  args.norm_correction = params_.norm_correction;
+  args.status = status_;
+
+  detail::ScopedDevice scoped_device(device_, what.c_str());
+  std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
+  if (check) lock.lock();
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+  dispatch(params_.rotation, chunks_, x, args, nullptr, OutputDtype::kFloat32, true, multiprocessor_count_, s);
+  finish_checks(stream, what.c_str(), check);
+}
+
+void DeviceQuantizer::decode(const ConstCodesView& codes, std::int64_t n, void* out, OutputDtype dtype, void* stream,
+                             bool check) const {
+  const std::string what = "cuda::DeviceQuantizer::decode";
+  check_count(n, what, "n");
+  if (n == 0) return;
+  const bool prod = params_.mode == QuantizerMode::kProd;
+  check_pointer(out, what, "out");
+  if (mse_bits_ > 0) check_pointer(codes.indices, what, "indices");
+  check_pointer(codes.norms, what, "norms");
+  check_alignment(codes.norms, sizes_.norm_bytes, what, "norms");
+  if (prod) {
+    check_pointer(codes.qjl_signs, what, "qjl_signs");
+    check_pointer(codes.residual_norms, what, "residual_norms");
+    check_alignment(codes.residual_norms, sizes_.norm_bytes, what, "residual_norms");
+  }
+  const int dtype_value = static_cast<int>(dtype);
+  if (dtype_value < 0 || dtype_value > 2) {
+    throw TypeError(expected_got(what + ": dtype", "float32 (0), float16 (1) or bfloat16 (2)", std::to_string(dtype_value)));
+  }
+  check_alignment(out, dtype == OutputDtype::kFloat32 ? 4 : 2, what, "out");
+  codec::CodecArgs args{};
+  args.n = n;
+  args.dim = static_cast<int>(dim_);
+  args.padded_dim = static_cast<int>(padded_dim_);
+  args.indices = const_cast<std::uint8_t*>(codes.indices);
+  args.norms = const_cast<std::uint8_t*>(codes.norms);
+  args.signs = const_cast<std::uint8_t*>(codes.qjl_signs);
+  args.residual_norms = const_cast<std::uint8_t*>(codes.residual_norms);
+  args.index_bytes = static_cast<int>(sizes_.index_bytes);
+  args.sign_bytes = static_cast<int>(sizes_.sign_bytes);
+  args.norm_bytes = static_cast<int>(sizes_.norm_bytes);
+  args.planes = plane_info(layout_);
+  args.codebook = codebook_;
+  args.levels = mse_bits_ > 0 ? (1 << mse_bits_) : 0;
+  args.rotation_parameters = rotation_parameters_;
+  args.forward_matrix = forward_matrix_;
+  args.inverse_matrix = inverse_matrix_;
+  args.columns = static_cast<int>(columns_);
+  args.hadamard_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(padded_dim_)));
+  args.prod = prod;
+  args.qjl_dim = static_cast<int>(qjl_dim_);
+  args.qjl_columns = static_cast<int>(qjl_columns_);
+  args.qjl_transposed = qjl_transposed_;
+  args.qjl_matrix = qjl_matrix_;
+  args.status = status_;
+
+  detail::ScopedDevice scoped_device(device_, what.c_str());
+  std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
+  if (check) lock.lock();
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+  dispatch(params_.rotation, chunks_, nullptr, args, out, dtype, false, multiprocessor_count_, s);
+  finish_checks(stream, what.c_str(), check);
+}
+
+void DeviceQuantizer::scores(const ConstCodesView& codes, std::int64_t n, std::int64_t heads, const float* queries,
+                             std::int64_t group, float* out, void* stream, bool check) const {
+  const std::string what = "cuda::DeviceQuantizer::scores";
+  check_count(n, what, "n");
+  check_count(group, what, "group (queries per head)");
+  if (heads < 1) throw ValueError(expected_got(what + ": heads", ">= 1", std::to_string(heads)));
+  if (heads > 65535) throw ValueError(expected_got(what + ": heads", "<= 65535", std::to_string(heads)));
+  if (n == 0 || group == 0) return;
+  const bool prod = params_.mode == QuantizerMode::kProd;
+  if (prod && qjl_dim_ > kMaxDeviceCodecPaddedDim) {
+    throw ValueError(expected_got(what + ": qjl_dim for GPU scores", "<= " + std::to_string(kMaxDeviceCodecPaddedDim),
+                                  std::to_string(qjl_dim_)));
+  }
+  if (!rotation_) throw ValueError(what + ": this rotation has no GPU query rotation (hadamard padded_dim too large)");
+  check_pointer(queries, what, "queries");
+  check_pointer(out, what, "out");
+  if (mse_bits_ > 0) check_pointer(codes.indices, what, "indices");
+  check_pointer(codes.norms, what, "norms");
+  check_alignment(codes.norms, sizes_.norm_bytes, what, "norms");
+  if (prod) {
+    check_pointer(codes.qjl_signs, what, "qjl_signs");
+    check_pointer(codes.residual_norms, what, "residual_norms");
+    check_alignment(codes.residual_norms, sizes_.norm_bytes, what, "residual_norms");
+  }
+  codec::CodecArgs args{};
+  args.n = heads * n;
+  args.dim = static_cast<int>(dim_);
+  args.padded_dim = static_cast<int>(padded_dim_);
+  args.indices = const_cast<std::uint8_t*>(codes.indices);
+  args.norms = const_cast<std::uint8_t*>(codes.norms);
+  args.signs = const_cast<std::uint8_t*>(codes.qjl_signs);
+  args.residual_norms = const_cast<std::uint8_t*>(codes.residual_norms);
+  args.index_bytes = static_cast<int>(sizes_.index_bytes);
+  args.sign_bytes = static_cast<int>(sizes_.sign_bytes);
+  args.norm_bytes = static_cast<int>(sizes_.norm_bytes);
+  args.planes = plane_info(layout_);
+  args.codebook = codebook_;
+  args.levels = mse_bits_ > 0 ? (1 << mse_bits_) : 0;
+  args.prod = prod;
+  args.qjl_dim = static_cast<int>(qjl_dim_);
+  args.qjl_columns = static_cast<int>(qjl_columns_);
+  args.status = status_;
+
+  detail::ScopedDevice scoped_device(device_, what.c_str());
+  std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
+  if (check) lock.lock();
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const std::int64_t count = heads * group;
+  if (check) {
+    ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+    const std::int64_t total = count * dim_;
+    const unsigned blocks = static_cast<unsigned>(std::max<std::int64_t>(1, std::min<std::int64_t>((total + 255) / 256, multiprocessor_count_ * 8)));
+    codec::find_nonfinite_rows_kernel<<<blocks, 256, 0, s>>>(queries, count, dim_, status_);
+  }
+  // Workspace: rotated queries (count x p) and their QJL projections (count x m), stream-ordered.
+  const std::size_t workspace_floats = static_cast<std::size_t>(count * padded_dim_ + (prod ? count * qjl_dim_ : 0));
+  float* workspace = nullptr;
+  ROTORQUANT_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&workspace), workspace_floats * sizeof(float), s),
+                        what.c_str());
+  float* rotated = workspace;
+  float* projected = prod ? workspace + count * padded_dim_ : nullptr;
+  try {
+    rotation_->apply(queries, rotated, count, stream);
+    if (prod) {
+      const std::int64_t total = count * qjl_dim_;
+      const unsigned blocks = static_cast<unsigned>(std::max<std::int64_t>(1, std::min<std::int64_t>((total + 255) / 256, multiprocessor_count_ * 16)));
+      codec::project_queries_kernel<<<blocks, 256, 0, s>>>(rotated, count, static_cast<int>(padded_dim_),
+                                                           qjl_transposed_, static_cast<int>(qjl_columns_),
+                                                           static_cast<int>(qjl_dim_), projected);
+    }
+    switch (chunks_) {
+      case 1: launch_scores_typed<1>(args, n, heads, rotated, projected, static_cast<int>(group), out, multiprocessor_count_, s, what.c_str()); break;
+      case 2: launch_scores_typed<2>(args, n, heads, rotated, projected, static_cast<int>(group), out, multiprocessor_count_, s, what.c_str()); break;
+      case 4: launch_scores_typed<4>(args, n, heads, rotated, projected, static_cast<int>(group), out, multiprocessor_count_, s, what.c_str()); break;
+      case 8: launch_scores_typed<8>(args, n, heads, rotated, projected, static_cast<int>(group), out, multiprocessor_count_, s, what.c_str()); break;
+      default: launch_scores_typed<16>(args, n, heads, rotated, projected, static_cast<int>(group), out, multiprocessor_count_, s, what.c_str()); break;
+    }
+    detail::check_launch(what.c_str());
+  } catch (...) {
+    cudaFreeAsync(workspace, s);
+    throw;
+  }
+  ROTORQUANT_CUDA_CHECK(cudaFreeAsync(workspace, s), what.c_str());
+  finish_checks(stream, what.c_str(), check);
+}
+
+}  // namespace cuda
+}  // namespace rotorquant

@@ -1,0 +1,399 @@
+"""The fused CUDA codec (encode / decode / scores on codes) against independent references.
+
+- encode: the GPU's codes must equal, bit for bit, a numpy scalar reference that follows the canonical
+  encode arithmetic of docs/format.md (fmaf chains emulated exactly enough in float64: a float32 product
+  is exact in float64, one addition then two roundings; a double-rounding difference needs a sum within
+  2^-29 relative of a float32 midpoint, and then it must also sit on a code boundary). They must also
+  equal the CPU core's codes whenever the CPU core itself follows the canonical arithmetic (detected on
+  the same data); before that change lands the CPU core may differ in rare coordinates, bounded here.
+- decode and scores: equal to the CPU core on the same codes to 1e-5 relative.
+Runs only with torch + a CUDA device + a CUDA build of rotorquant; skipped cleanly otherwise.
+"""
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.cuda
+
+torch = pytest.importorskip("torch")
+import rotorquant as rq  # noqa: E402
+from rotorquant import _core  # noqa: E402
+from rotorquant._quantizer import concatenate  # noqa: E402
+
+if not torch.cuda.is_available():
+    pytest.skip("torch has no usable CUDA device", allow_module_level=True)
+if not rq.has_cuda():
+    pytest.skip("rotorquant was built without CUDA or sees no CUDA device", allow_module_level=True)
+
+DEVICE = torch.device("cuda", 0)
+KINDS = ["identity", "dense", "hadamard", "rotor3", "planar", "quat"]
+RELATIVE_TOLERANCE = 1e-5
+# Before the CPU core adopts the canonical arithmetic, its codes may differ from the canonical ones in rare
+# coordinates (mul+add without FMA moves y by ~1 ulp; an index flips when y sits within that of a boundary).
+OLD_CPU_MISMATCH_FRACTION = 2e-3
+
+
+# ---- the numpy canonical reference ---------------------------------------------------------------
+
+
+def fma_chain(weights, inputs):
+    """out[r, i] = chain over j ascending: acc = fmaf(weights[i, j], inputs[r, j], acc) from +0.0f."""
+    weights = np.asarray(weights, dtype=np.float32).astype(np.float64)
+    inputs = np.asarray(inputs, dtype=np.float32).astype(np.float64)
+    acc = np.zeros((inputs.shape[0], weights.shape[0]), dtype=np.float32)
+    for j in range(weights.shape[1]):
+        acc = (inputs[:, j:j + 1] * weights[None, :, j] + acc.astype(np.float64)).astype(np.float32)
+    return acc
+
+
+def reference_rotate(q: rq.Quantizer, u):
+    """y = Pi u in the canonical float32 operation order (u: (n, dim) float32)."""
+    kind, dim, p = q.rotation, q.dim, q.padded_dim
+    rotation = rq.Rotation(kind, dim, seed=q.seed)
+    n = u.shape[0]
+    padded = np.zeros((n, p), dtype=np.float32)
+    padded[:, :dim] = u
+    if kind == "identity":
+        return padded
+    if kind == "dense":
+        return fma_chain(rotation.parameters().reshape(p, p), padded)
+    if kind == "hadamard":
+        v = padded * rotation.parameters().astype(np.float32)[None, :]
+        h = 1
+        while h < p:
+            v = v.reshape(n, p // (2 * h), 2, h)
+            a, b = v[:, :, 0, :].copy(), v[:, :, 1, :].copy()
+            v[:, :, 0, :], v[:, :, 1, :] = a + b, a - b
+            v = v.reshape(n, p)
+            h *= 2
+        return v * np.float32(1.0 / np.sqrt(np.float64(p)))
+    k = {"rotor3": 3, "planar": 2, "quat": 4}[kind]
+    matrix = rotation.matrix().astype(np.float32)  # block-diagonal: the CPU's derived block matrices
+    y = np.empty((n, p), dtype=np.float32)
+    for g in range(p // k):
+        block = matrix[g * k:(g + 1) * k, g * k:(g + 1) * k]
+        y[:, g * k:(g + 1) * k] = fma_chain(block, padded[:, g * k:(g + 1) * k])
+    return y
+
+
+def reference_encode(q: rq.Quantizer, x):
+    """(indices (n, p) uint8, norms float64, signs (n, m) bool, residual norms float64) of the canonical encode."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1))
+    safe = np.where(norm == 0, 1.0, norm)
+    u = np.where(norm[:, None] == 0, 0.0, x.astype(np.float64) / safe[:, None]).astype(np.float32)
+    y = reference_rotate(q, u)
+    p = q.padded_dim
+    prod = q.mode == "prod"
+    if q.mse_bits > 0:
+        book = _core.codebook(p, q.mse_bits, q.codebook)
+        boundaries = np.asarray(book["boundaries_f32"], dtype=np.float32)
+        centroids = np.asarray(book["centroids_f32"], dtype=np.float32)
+        idx = np.searchsorted(boundaries, y, side="right").astype(np.uint8)  # count of b <= y: ties go up
+        residual = y - centroids[idx]
+        stored = norm.copy()
+        if q.norm_correction:
+            centroid_sq = (centroids[idx].astype(np.float64) ** 2).sum(axis=1)
+            ok = (norm != 0) & (centroid_sq > 0)
+            stored[ok] = norm[ok] / np.sqrt(centroid_sq[ok])
+    else:
+        idx = np.zeros((x.shape[0], p), dtype=np.uint8)
+        residual, stored = y.copy(), norm.copy()
+    if not prod:
+        return idx, stored, None, None
+    residual[norm == 0] = 0.0
+    projection = fma_chain(_native(q).qjl_matrix(), residual)
+    signs = projection >= 0
+    residual_norm = np.sqrt((residual.astype(np.float64) ** 2).sum(axis=1))
+    return idx, stored, signs, residual_norm
+
+
+def _native(q):
+    return q._native
+
+
+def unpack_indices(q: rq.Quantizer, packed):
+    """Indices (n, p) from the bit planes of docs/format.md (independent of the core's unpacker)."""
+    p, bits = q.padded_dim, q.mse_bits
+    split = {1: [1], 2: [2], 3: [2, 1], 4: [4], 5: [4, 1], 6: [4, 2], 7: [4, 2, 1], 8: [8]}[bits]
+    packed = np.asarray(packed, dtype=np.uint8)  # (n, index bytes)
+    idx = np.zeros((packed.shape[0], p), dtype=np.int64)
+    offset, remaining = 0, bits
+    for width in split:
+        remaining -= width
+        plane_bytes = -(-p * width // 8)
+        plane = packed[:, offset:offset + plane_bytes].astype(np.int64)
+        j = np.arange(p)
+        bit = j * width
+        values = (plane[:, bit // 8] >> (bit % 8)) & ((1 << width) - 1)
+        idx |= values << remaining
+        # unused trailing bits must be zero
+        used_bits = p * width
+        if used_bits % 8:
+            assert not np.any(plane[:, -1] >> (used_bits % 8)), "unused trailing bits of a plane are not zero"
+        offset += plane_bytes
+    assert offset == packed.shape[1]
+    return idx.astype(np.uint8)
+
+
+def unpack_signs(packed, m):
+    packed = np.asarray(packed, dtype=np.uint8)
+    bits = np.unpackbits(packed, axis=1, bitorder="little")
+    if bits.shape[1] > m:
+        assert not bits[:, m:].any(), "unused trailing sign bits are not zero"
+    return bits[:, :m].astype(bool)
+
+
+def host(a):
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def stored_norm_bits(values, dtype):
+    """double -> float -> (float16, round to nearest even) as the format stores it."""
+    return np.asarray(values, dtype=np.float64).astype(np.float32).astype(dtype)
+
+
+def random_rows(n, dim, seed, scale=1.0):
+    generator = np.random.default_rng(seed)
+    return (generator.standard_normal((n, dim)) * scale).astype(np.float32)
+
+
+def assert_close(actual, expected, relative=RELATIVE_TOLERANCE):
+    actual = np.asarray(host(actual), dtype=np.float64)
+    expected = np.asarray(host(expected), dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.size == 0:
+        return
+    scale = max(1.0, float(np.abs(expected).max()))
+    error = float(np.abs(actual - expected).max())
+    assert error <= relative * scale, f"max abs diff {error:.3e} > {relative:.0e} * {scale:.3f}"
+
+
+def check_codes_canonical(q: rq.Quantizer, x_np, codes):
+    """GPU codes == canonical reference, exactly; and == the CPU core (exactly once it is canonical)."""
+    assert codes.device == "cuda:0"
+    idx_ref, norm_ref, signs_ref, residual_ref = reference_encode(q, x_np)
+    flat = codes.to("cpu").flat()
+    n = x_np.shape[0]
+    dtype = np.dtype(q.norm_dtype)
+    norms = flat["norms"].view(dtype)[:, 0]
+    np.testing.assert_array_equal(norms, stored_norm_bits(norm_ref, dtype))
+    if q.mse_bits > 0:
+        idx = unpack_indices(q, flat["indices"])
+        mismatched = np.argwhere(idx != idx_ref)
+        assert mismatched.size == 0, f"{len(mismatched)} indices differ from the canonical reference, first {mismatched[:5]}"
+    if q.mode == "prod":
+        signs = unpack_signs(flat["qjl_signs"], q.qjl_dim)
+        mismatched = np.argwhere(signs != signs_ref)
+        assert mismatched.size == 0, f"{len(mismatched)} QJL signs differ from the reference, first {mismatched[:5]}"
+        residual = flat["residual_norms"].view(dtype)[:, 0]
+        np.testing.assert_array_equal(residual, stored_norm_bits(residual_ref, dtype))
+
+    # the CPU core
+    cpu = q.encode(x_np)
+    cpu_flat = cpu.flat()
+    cpu_canonical = True
+    if q.mse_bits > 0:
+        cpu_idx = unpack_indices(q, cpu_flat["indices"])
+        cpu_canonical = bool(np.array_equal(cpu_idx, idx_ref))
+    if q.mode == "prod":
+        cpu_canonical = cpu_canonical and bool(np.array_equal(unpack_signs(cpu_flat["qjl_signs"], q.qjl_dim), signs_ref))
+    if cpu_canonical:
+        for name in ("indices", "norms", "qjl_signs", "residual_norms"):
+            np.testing.assert_array_equal(flat[name], cpu_flat[name], err_msg=name)
+    else:  # the CPU core still has the pre-canonical arithmetic: rare differences only
+        total = max(1, n * q.padded_dim)
+        if q.mse_bits > 0:
+            differing = int((unpack_indices(q, cpu_flat["indices"]) != idx_ref).sum())
+            assert differing <= OLD_CPU_MISMATCH_FRACTION * total + 2, differing
+        np.testing.assert_array_equal(flat["norms"], cpu_flat["norms"])
+
+
+# ---- encode ------------------------------------------------------------------------------------------
+
+ENCODE_CASES = [
+    # (dim, bits, mode)
+    (128, 1, "mse"), (128, 2, "mse"), (128, 3, "mse"), (128, 4, "mse"), (128, 8, "mse"),
+    (64, 3, "mse"), (256, 4, "mse"), (100, 3, "mse"), (5, 2, "mse"), (130, 5, "mse"),
+    (128, 1, "prod"), (128, 3, "prod"), (64, 2, "prod"), (96, 4, "prod"),
+]
+
+
+@pytest.mark.parametrize("dim,bits,mode", ENCODE_CASES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_is_bit_identical_to_the_canonical_reference(kind, dim, bits, mode):
+    q = rq.Quantizer(dim, bits, rotation=kind, mode=mode, seed=dim + bits)
+    x = random_rows(517, dim, seed=dim * 10 + bits)
+    x[3] = 0.0  # a zero vector
+    codes = q.encode(torch.from_numpy(x).to(DEVICE))
+    check_codes_canonical(q, x, codes)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 4097])
+@pytest.mark.parametrize("kind", ["dense", "hadamard", "rotor3"])
+def test_encode_edge_batch_sizes(kind, n):
+    q = rq.Quantizer(128, 3, rotation=kind, mode="prod", seed=n)
+    x = random_rows(n, 128, seed=n)
+    codes = q.encode(torch.from_numpy(x).to(DEVICE))
+    assert codes.shape == (n, 128) and codes.nbytes == n * q.bytes_per_vector
+    check_codes_canonical(q, x, codes)
+
+
+@pytest.mark.parametrize("options", [dict(norm_dtype="float32"), dict(norm_correction=True),
+                                     dict(codebook="gaussian"), dict(mode="prod", qjl_dim=200),
+                                     dict(mode="prod", qjl_dim=13)])
+def test_encode_options(options):
+    q = rq.Quantizer(128, 3, rotation="hadamard", seed=3, **options)
+    x = random_rows(300, 128, seed=5, scale=3.0)
+    check_codes_canonical(q, x, q.encode(torch.from_numpy(x).to(DEVICE)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_real_kv_cache(kind):
+    data = np.load(rq.__path__[0] + "/data/smollm2_kv.npz")
+    q = rq.Quantizer(64, 3, rotation=kind, mode="mse", seed=7)
+    for name in ("k_L0", "v_L15", "k_L29"):
+        x = data[name].astype(np.float32).reshape(-1, 64)
+        check_codes_canonical(q, x, q.encode(torch.from_numpy(x).to(DEVICE)))
+
+
+def test_encode_rejects_non_finite_and_overflow_like_the_cpu():
+    q = rq.Quantizer(64, 2, rotation="hadamard")
+    x = torch.randn(50, 64, device=DEVICE)
+    x[17, 3] = float("nan")
+    x[30, 0] = float("inf")
+    with pytest.raises(ValueError, match="row 17"):
+        q.encode(x)
+    big = torch.full((4, 64), 1e4, device=DEVICE)  # norm 8e4 > 65504
+    with pytest.raises(ValueError, match="overflows float16"):
+        q.encode(big)
+    q32 = rq.Quantizer(64, 2, rotation="hadamard", norm_dtype="float32")
+    assert q32.encode(big).device == "cuda:0"
+
+
+def test_unsupported_padded_dim_is_a_clear_error():
+    q = rq.Quantizer(1000, 2, rotation="planar")
+    with pytest.raises(ValueError, match="padded_dim"):
+        q.encode(torch.randn(3, 1000, device=DEVICE))
+
+
+def test_encode_accepts_half_inputs_and_runs_on_the_current_stream():
+    q = rq.Quantizer(128, 4, rotation="rotor3", seed=1)
+    x = torch.randn(1000, 128, device=DEVICE, dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        codes = q.encode(x)
+    stream.synchronize()
+    check_codes_canonical(q, x.float().cpu().numpy(), codes)
+
+
+# ---- decode ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim,bits,mode", [(128, 3, "mse"), (128, 3, "prod"), (64, 1, "prod"), (100, 4, "mse"),
+                                           (256, 2, "mse"), (5, 8, "mse")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_matches_cpu(kind, dim, bits, mode):
+    q = rq.Quantizer(dim, bits, rotation=kind, mode=mode, seed=11, norm_correction=(mode == "mse" and bits == 4))
+    x = torch.randn(333, dim, device=DEVICE)
+    codes = q.encode(x)
+    out = q.decode(codes)
+    assert out.is_cuda and out.dtype == torch.float32 and out.shape == (333, dim)
+    expected = q.decode(codes.to("cpu"))
+    assert_close(out, expected)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = q.decode(codes, dtype=dtype)
+        assert half.dtype == dtype and half.is_cuda
+        torch.testing.assert_close(half.float().cpu(), expected.to(dtype).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_decode_edge_sizes_and_corrupted_norms():
+    q = rq.Quantizer(128, 2, rotation="dense", seed=2)
+    empty = q.encode(torch.empty(0, 128, device=DEVICE))
+    assert q.decode(empty).shape == (0, 128)
+    codes = q.encode(torch.randn(10, 128, device=DEVICE))
+    codes._arrays["norms"][4] = torch.tensor([0xFF, 0x7F], dtype=torch.uint8, device=DEVICE)  # NaN
+    with pytest.raises(ValueError, match="code 4"):
+        q.decode(codes)
+
+
+# ---- scores ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim,bits,mode", [(128, 3, "mse"), (128, 3, "prod"), (64, 2, "prod"), (96, 4, "mse"),
+                                           (128, 1, "prod")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_inner_product_matches_cpu(kind, dim, bits, mode):
+    q = rq.Quantizer(dim, bits, rotation=kind, mode=mode, seed=5)
+    x = torch.randn(1000, dim, device=DEVICE)
+    y = torch.randn(6, dim, device=DEVICE)
+    codes = q.encode(x)
+    scores = q.inner_product(codes, y)
+    assert scores.is_cuda and scores.shape == (6, 1000)
+    expected = q.inner_product(codes.to("cpu"), y.cpu())
+    assert_close(scores, expected)
+
+
+@pytest.mark.parametrize("mode", ["mse", "prod"])
+def test_grouped_scores_real_kv_gqa(mode):
+    data = np.load(rq.__path__[0] + "/data/smollm2_kv.npz")
+    keys = torch.from_numpy(data["k_L15"].astype(np.float32)).to(DEVICE)       # (3, 512, 64)
+    queries = torch.from_numpy(data["q_L15"].astype(np.float32)).to(DEVICE)    # (9, 512, 64): 3 per KV head
+    queries = queries.reshape(3, 3, 512, 64)[:, :, :40].reshape(3, 120, 64)   # (heads, group, dim)
+    q = rq.Quantizer(64, 3, rotation="rotor3", mode=mode, seed=1)
+    codes = q.encode(keys)
+    scores = q.grouped_scores(codes, queries)
+    assert scores.shape == (3, 120, 512) and scores.is_cuda
+    expected = q.grouped_scores(codes.to("cpu"), queries.cpu())
+    assert_close(scores, expected)
+    for h in range(3):  # and the plain inner product per head
+        assert_close(scores[h], q.inner_product(codes[h], queries[h]))
+
+
+def test_scores_edge_cases_and_device_mismatch():
+    q = rq.Quantizer(64, 2, rotation="hadamard", mode="prod")
+    codes = q.encode(torch.randn(0, 64, device=DEVICE))
+    assert q.inner_product(codes, torch.randn(3, 64, device=DEVICE)).shape == (3, 0)
+    codes = q.encode(torch.randn(33, 64, device=DEVICE))
+    assert q.inner_product(codes, torch.randn(0, 64, device=DEVICE)).shape == (0, 33)
+    with pytest.raises(ValueError, match="device"):
+        q.inner_product(codes, torch.randn(2, 64))
+    bad = torch.randn(2, 64, device=DEVICE)
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="row 1"):
+        q.inner_product(codes, bad)
+
+
+# ---- Codes on the GPU --------------------------------------------------------------------------------
+
+
+def test_codes_move_between_devices_and_keep_their_bytes():
+    q = rq.Quantizer(128, 3, rotation="hadamard", mode="prod", seed=4)
+    x = torch.randn(2, 50, 128, device=DEVICE)
+    codes = q.encode(x)
+    assert codes.device == "cuda:0" and codes.shape == (2, 50, 128)
+    assert codes.nbytes == 100 * q.bytes_per_vector
+    on_cpu = codes.to("cpu")
+    assert on_cpu.device == "cpu" and on_cpu == codes
+    back = on_cpu.to("cuda")
+    assert back.device == "cuda:0" and back == codes
+    restored = rq.Codes.from_bytes(codes.to_bytes())
+    np.testing.assert_array_equal(restored.flat()["indices"], on_cpu.flat()["indices"])
+    part = codes[1][3:9]
+    assert part.device == "cuda:0" and part.shape == (6, 128)
+    assert_close(q.decode(part), q.decode(on_cpu[1][3:9]))
+    picked = codes[0][np.array([4, 1, 4])]
+    assert picked.device == "cuda:0" and picked == on_cpu[0][np.array([4, 1, 4])]
+    joined = concatenate([codes[0], codes[1]])
+    assert joined.device == "cuda:0" and joined.shape == (100, 128) and joined == on_cpu.to("cpu").__class__(
+        on_cpu.params, {k: v.reshape(100, -1) for k, v in on_cpu._arrays.items()}, (100,))
+
+
+def test_cupy_arrays_if_available():
+    cupy = pytest.importorskip("cupy")
+    q = rq.Quantizer(64, 2, rotation="quat", seed=3)
+    x = cupy.random.standard_normal((100, 64), dtype=cupy.float32)
+    codes = q.encode(x)
+    assert codes.device == "cuda:0"
+    check_codes_canonical(q, cupy.asnumpy(x), codes)
+    out = q.decode(codes)
+    assert isinstance(out, cupy.ndarray)
