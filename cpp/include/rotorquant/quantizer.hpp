@@ -87,6 +87,8 @@ class Quantizer {
   const LloydMaxCodebook* codebook() const { return codebook_.get(); }
   const PlaneLayout& layout() const { return layout_; }
   CodeSizes code_sizes() const;
+  // The QJL matrix S (qjl_dim() x padded_dim() row-major float32; empty in mse mode).
+  const std::vector<float>& qjl_matrix() const { return qjl_matrix_; }
   // Parameters held: rotation parameters + QJL matrix entries (m * padded_dim) + codebook centroids.
   std::int64_t num_parameters() const;
 
