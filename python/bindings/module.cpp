@@ -31,4 +31,5 @@ PYBIND11_MODULE(_core, m) {
   rotorquant_bindings::bind_rotation(m);
   rotorquant_bindings::bind_cuda(m);
   rotorquant_bindings::bind_quantizer(m);
+  rotorquant_bindings::bind_kv_cache(m);
 }

@@ -24,11 +24,13 @@ from . import clifford
 from ._codebook import Codebook, codebook
 from ._rotation import Rotation, rotation_kinds
 from ._quantizer import Codes, Quantizer, RotorQuant, TurboQuant, concatenate
+from ._kv_cache import KVCache
 
 __all__ = [
     "__version__",
     "Codebook",
     "Codes",
+    "KVCache",
     "Quantizer",
     "RotorQuant",
     "TurboQuant",

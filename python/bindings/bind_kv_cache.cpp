@@ -1,0 +1,190 @@
+// Bindings of rotorquant::KVCache (kv_cache.hpp) on C-contiguous numpy arrays. Thin: shape checks and
+// buffer plumbing only (the Python layer, rotorquant/_kv_cache.py, converts frameworks and dtypes);
+// the GIL is released around construction, append, attend and dequantize.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "bindings.hpp"
+#include "rotorquant/kv_cache.hpp"
+
+namespace py = pybind11;
+
+namespace rotorquant_bindings {
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style>;
+using ByteArray = py::array_t<std::uint8_t, py::array::c_style>;
+using IndexArray = py::array_t<std::int64_t, py::array::c_style>;
+
+template <typename Array>
+Array checked(const py::handle& obj, const char* what, const char* name, const char* dtype) {
+  if (!Array::check_(obj)) {
+    throw py::type_error(std::string(what) + ": expected " + name + " as a C-contiguous numpy array of dtype " + dtype +
+                         ", got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  return py::reinterpret_borrow<Array>(obj);
+}
+
+void check_4d(const py::array& a, std::int64_t heads, std::int64_t head_dim, const char* what, const char* name) {
+  if (a.ndim() != 4 || (heads > 0 && a.shape(1) != heads) || a.shape(3) != head_dim) {
+    throw py::value_error(std::string(what) + ": expected " + name + " of shape (batch, " +
+                          (heads > 0 ? std::to_string(heads) : std::string("heads")) + ", tokens, " +
+                          std::to_string(head_dim) + "), got " + shape_string(a));
+  }
+}
+
+}  // namespace
+
+void bind_kv_cache(py::module_& m) {
+  using rotorquant::KVCache;
+  using rotorquant::KVCacheParams;
+  py::class_<KVCache>(m, "KVCache", "Compressed KV cache (C++ core); use rotorquant.KVCache")
+      .def(py::init([](std::int64_t num_layers, std::int64_t num_kv_heads, std::int64_t head_dim, int key_bits,
+                       int value_bits, const std::string& rotation, const std::string& mode,
+                       std::int64_t residual_window, std::int64_t sink_tokens,
+                       const std::vector<std::int64_t>& protected_layers,
+                       int protected_bits, const py::object& seed, bool center_keys, bool center_values,
+                       float key_channel_scaling, const std::string& norm_dtype, bool norm_correction) {
+             KVCacheParams p;
+             p.num_layers = num_layers;
+             p.num_kv_heads = num_kv_heads;
+             p.head_dim = head_dim;
+             p.key_bits = key_bits;
+             p.value_bits = value_bits;
+             p.rotation = rotorquant::parse_rotation_kind(rotation);
+             p.mode = rotorquant::parse_quantizer_mode(mode);
+             p.residual_window = residual_window;
+             p.sink_tokens = sink_tokens;
+             p.protected_layers = protected_layers;
+             p.protected_bits = protected_bits;
+             p.seed = seed_from_object(seed, "KVCache");
+             p.center_keys = center_keys;
+             p.center_values = center_values;
+             p.key_channel_scaling = key_channel_scaling;
+             p.norm_dtype = rotorquant::parse_norm_dtype(norm_dtype);
+             p.norm_correction = norm_correction;
+             py::gil_scoped_release release;
+             return new KVCache(p);
+           }),
+           py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("key_bits"),
+           py::arg("value_bits"), py::arg("rotation"), py::arg("mode"), py::arg("residual_window"),
+           py::arg("sink_tokens"), py::arg("protected_layers"), py::arg("protected_bits"), py::arg("seed"), py::arg("center_keys"),
+           py::arg("center_values"), py::arg("key_channel_scaling"), py::arg("norm_dtype"), py::arg("norm_correction"))
+      .def_property_readonly("batch_size", &KVCache::batch_size)
+      .def("is_protected", &KVCache::is_protected, py::arg("layer"))
+      .def(
+          "append",
+          [](KVCache& c, std::int64_t layer, const py::handle& keys_obj, const py::handle& values_obj) {
+            const char* what = "KVCache.append";
+            FloatArray keys = checked<FloatArray>(keys_obj, what, "keys", "float32");
+            FloatArray values = checked<FloatArray>(values_obj, what, "values", "float32");
+            check_4d(keys, c.num_kv_heads(), c.head_dim(), what, "keys");
+            check_4d(values, c.num_kv_heads(), c.head_dim(), what, "values");
+            if (keys.shape(0) != values.shape(0) || keys.shape(2) != values.shape(2)) {
+              throw py::value_error(std::string(what) + ": expected values of the keys' shape " + shape_string(keys) +
+                                    ", got " + shape_string(values));
+            }
+            const float* k = keys.data();
+            const float* v = values.data();
+            const std::int64_t batch = keys.shape(0), tokens = keys.shape(2);
+            py::gil_scoped_release release;
+            c.append(layer, k, v, batch, tokens);
+          },
+          py::arg("layer"), py::arg("keys"), py::arg("values"))
+      .def(
+          "attend",
+          [](const KVCache& c, std::int64_t layer, const py::handle& queries_obj, float scale, bool causal,
+             const py::object& mask_obj) {
+            const char* what = "KVCache.attend";
+            FloatArray queries = checked<FloatArray>(queries_obj, what, "queries", "float32");
+            check_4d(queries, -1, c.head_dim(), what, "queries");
+            const std::int64_t batch = queries.shape(0), q_heads = queries.shape(1), q_len = queries.shape(2);
+            const std::uint8_t* mask = nullptr;
+            ByteArray mask_array;
+            if (!mask_obj.is_none()) {
+              mask_array = checked<ByteArray>(mask_obj, what, "mask", "uint8");
+              const std::int64_t seq = c.seq_length(layer);
+              if (mask_array.ndim() != 3 || mask_array.shape(0) != batch || mask_array.shape(1) != q_len ||
+                  mask_array.shape(2) != seq) {
+                throw py::value_error(std::string(what) + ": expected mask of shape (" + std::to_string(batch) + ", " +
+                                      std::to_string(q_len) + ", " + std::to_string(seq) + "), got " +
+                                      shape_string(mask_array));
+              }
+              mask = mask_array.data();
+            }
+            FloatArray out({batch, q_heads, q_len, c.head_dim()});
+            const float* q = queries.data();
+            float* o = out.mutable_data();
+            {
+              py::gil_scoped_release release;
+              c.attend(layer, q, batch, q_heads, q_len, scale, causal, mask, o);
+            }
+            return out;
+          },
+          py::arg("layer"), py::arg("queries"), py::arg("scale"), py::arg("causal"), py::arg("mask") = py::none())
+      .def(
+          "dequantize",
+          [](const KVCache& c, std::int64_t layer) {
+            const std::int64_t seq = c.seq_length(layer);
+            const std::int64_t batch = c.batch_size();
+            FloatArray keys({batch, c.num_kv_heads(), seq, c.head_dim()});
+            FloatArray values({batch, c.num_kv_heads(), seq, c.head_dim()});
+            float* k = keys.mutable_data();
+            float* v = values.mutable_data();
+            {
+              py::gil_scoped_release release;
+              c.dequantize(layer, k, v);
+            }
+            return py::make_tuple(keys, values);
+          },
+          py::arg("layer"))
+      .def("seq_length", &KVCache::seq_length, py::arg("layer"))
+      .def("quantized_length", &KVCache::quantized_length, py::arg("layer"))
+      .def("window_length", &KVCache::window_length, py::arg("layer"))
+      .def("sink_length", &KVCache::sink_length, py::arg("layer"))
+      .def("nbytes", &KVCache::nbytes)
+      .def("code_bytes_per_token", &KVCache::code_bytes_per_token, py::arg("layer"))
+      .def(
+          "reorder",
+          [](KVCache& c, const py::handle& indices_obj) {
+            IndexArray indices = checked<IndexArray>(indices_obj, "KVCache.reorder", "beam_indices", "int64");
+            if (indices.ndim() != 1) {
+              throw py::value_error("KVCache.reorder: expected beam_indices of shape (n,), got " + shape_string(indices));
+            }
+            const std::int64_t* data = indices.data();
+            const std::int64_t count = indices.shape(0);
+            py::gil_scoped_release release;
+            c.reorder(data, count);
+          },
+          py::arg("beam_indices"))
+      .def("crop", &KVCache::crop, py::arg("length"))
+      .def("reset", &KVCache::reset)
+      .def("key_mean", &KVCache::key_mean, py::arg("layer"), py::arg("kv_head"))
+      .def("value_mean", &KVCache::value_mean, py::arg("layer"), py::arg("kv_head"))
+      .def("key_scale", &KVCache::key_scale, py::arg("layer"), py::arg("kv_head"))
+      .def(
+          "quantizer_params",
+          [](const KVCache& c, std::int64_t layer, std::int64_t kv_head, bool values) {
+            const rotorquant::Quantizer& q = values ? c.value_quantizer(layer, kv_head) : c.key_quantizer(layer, kv_head);
+            const rotorquant::QuantizerParams& p = q.params();
+            py::dict d;
+            d["dim"] = p.dim;
+            d["bits"] = p.bits;
+            d["rotation"] = rotorquant::rotation_kind_name(p.rotation);
+            d["mode"] = rotorquant::quantizer_mode_name(p.mode);
+            d["seed"] = p.seed;
+            d["norm_dtype"] = rotorquant::norm_dtype_name(p.norm_dtype);
+            d["norm_correction"] = p.norm_correction;
+            return d;
+          },
+          py::arg("layer"), py::arg("kv_head"), py::arg("values"));
+  m.def("kv_quantizer_seed", &rotorquant::kv_quantizer_seed, py::arg("seed"), py::arg("layer"), py::arg("kv_head"),
+        py::arg("num_kv_heads"), py::arg("kind"));
+}
+
+}  // namespace rotorquant_bindings
