@@ -329,66 +329,10 @@ void DeviceQuantizer::finish_checks(void* stream, const char* what, bool check) 
   }
 }
 
-void DeviceQuantizer::encode(const float* x, std::int64_t n, const CodesView& out, void* stream, bool check) const {
-  const std::string what = "cuda::DeviceQuantizer::encode";
-  check_count(n, what, "n");
-  if (n == 0) return;
+// The arguments every kernel takes: the code arrays of `n` vectors (checked for presence and norm alignment)
+// and the quantizer's device tables.
+codec::CodecArgs DeviceQuantizer::code_args(const ConstCodesView& codes, std::int64_t n, const std::string& what) const {
   const bool prod = params_.mode == QuantizerMode::kProd;
-  check_pointer(x, what, "x");
-  if (mse_bits_ > 0) check_pointer(out.indices, what, "indices");
-  check_pointer(out.norms, what, "norms");
-  check_alignment(out.norms, sizes_.norm_bytes, what, "norms");
-  if (prod) {
-    check_pointer(out.qjl_signs, what, "qjl_signs");
-    check_pointer(out.residual_norms, what, "residual_norms");
-    check_alignment(out.residual_norms, sizes_.norm_bytes, what, "residual_norms");
-  }
-  codec::CodecArgs args{};
-  args.n = n;
-  args.dim = static_cast<int>(dim_);
-  args.padded_dim = static_cast<int>(padded_dim_);
-  args.indices = out.indices;
-  args.norms = out.norms;
-  args.signs = out.qjl_signs;
-  args.residual_norms = out.residual_norms;
-  args.index_bytes = static_cast<int>(sizes_.index_bytes);
-  args.sign_bytes = static_cast<int>(sizes_.sign_bytes);
-  args.norm_bytes = static_cast<int>(sizes_.norm_bytes);
-  args.words_ok_indices = sizes_.index_bytes % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.indices) % 4 == 0 &&
-                          padded_dim_ % 32 == 0;
-  args.words_ok_signs = sizes_.sign_bytes % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.qjl_signs) % 4 == 0;
-  args.planes = plane_info(layout_);
-  args.codebook = codebook_;
-  args.levels = mse_bits_ > 0 ? (1 << mse_bits_) : 0;
-  args.rotation_parameters = rotation_parameters_;
-  args.forward_matrix = forward_matrix_;
-  args.inverse_matrix = inverse_matrix_;
-  args.columns = static_cast<int>(columns_);
-  args.hadamard_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(padded_dim_)));
-  args.prod = prod;
-  args.qjl_dim = static_cast<int>(qjl_dim_);
-  args.qjl_columns = static_cast<int>(qjl_columns_);
-  args.qjl_transposed = qjl_transposed_;
-  args.qjl_matrix = qjl_matrix_;
-  args.norm_correction = params_.norm_correction;
-  args.status = status_;
-
-  detail::ScopedDevice scoped_device(device_, what.c_str());
-  std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
-  if (check) lock.lock();
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
-  dispatch(params_.rotation, chunks_, x, args, nullptr, OutputDtype::kFloat32, true, multiprocessor_count_, s);
-  finish_checks(stream, what.c_str(), check);
-}
-
-void DeviceQuantizer::decode(const ConstCodesView& codes, std::int64_t n, void* out, OutputDtype dtype, void* stream,
-                             bool check) const {
-  const std::string what = "cuda::DeviceQuantizer::decode";
-  check_count(n, what, "n");
-  if (n == 0) return;
-  const bool prod = params_.mode == QuantizerMode::kProd;
-  check_pointer(out, what, "out");
   if (mse_bits_ > 0) check_pointer(codes.indices, what, "indices");
   check_pointer(codes.norms, what, "norms");
   check_alignment(codes.norms, sizes_.norm_bytes, what, "norms");
@@ -397,11 +341,6 @@ void DeviceQuantizer::decode(const ConstCodesView& codes, std::int64_t n, void* 
     check_pointer(codes.residual_norms, what, "residual_norms");
     check_alignment(codes.residual_norms, sizes_.norm_bytes, what, "residual_norms");
   }
-  const int dtype_value = static_cast<int>(dtype);
-  if (dtype_value < 0 || dtype_value > 2) {
-    throw TypeError(expected_got(what + ": dtype", "float32 (0), float16 (1) or bfloat16 (2)", std::to_string(dtype_value)));
-  }
-  check_alignment(out, dtype == OutputDtype::kFloat32 ? 4 : 2, what, "out");
   codec::CodecArgs args{};
   args.n = n;
   args.dim = static_cast<int>(dim_);
@@ -427,6 +366,42 @@ void DeviceQuantizer::decode(const ConstCodesView& codes, std::int64_t n, void* 
   args.qjl_transposed = qjl_transposed_;
   args.qjl_matrix = qjl_matrix_;
   args.status = status_;
+  return args;
+}
+
+void DeviceQuantizer::encode(const float* x, std::int64_t n, const CodesView& out, void* stream, bool check) const {
+  const std::string what = "cuda::DeviceQuantizer::encode";
+  check_count(n, what, "n");
+  if (n == 0) return;
+  check_pointer(x, what, "x");
+  codec::CodecArgs args = code_args(ConstCodesView{out.indices, out.norms, out.qjl_signs, out.residual_norms}, n,
+                                    what);
+  args.words_ok_indices = sizes_.index_bytes % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.indices) % 4 == 0 &&
+                          padded_dim_ % 32 == 0;
+  args.words_ok_signs = sizes_.sign_bytes % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.qjl_signs) % 4 == 0;
+  args.norm_correction = params_.norm_correction;
+
+  detail::ScopedDevice scoped_device(device_, what.c_str());
+  std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
+  if (check) lock.lock();
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+  dispatch(params_.rotation, chunks_, x, args, nullptr, OutputDtype::kFloat32, true, multiprocessor_count_, s);
+  finish_checks(stream, what.c_str(), check);
+}
+
+void DeviceQuantizer::decode(const ConstCodesView& codes, std::int64_t n, void* out, OutputDtype dtype, void* stream,
+                             bool check) const {
+  const std::string what = "cuda::DeviceQuantizer::decode";
+  check_count(n, what, "n");
+  if (n == 0) return;
+  check_pointer(out, what, "out");
+  codec::CodecArgs args = code_args(codes, n, what);
+  const int dtype_value = static_cast<int>(dtype);
+  if (dtype_value < 0 || dtype_value > 2) {
+    throw TypeError(expected_got(what + ": dtype", "float32 (0), float16 (1) or bfloat16 (2)", std::to_string(dtype_value)));
+  }
+  check_alignment(out, dtype == OutputDtype::kFloat32 ? 4 : 2, what, "out");
 
   detail::ScopedDevice scoped_device(device_, what.c_str());
   std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
@@ -453,32 +428,7 @@ void DeviceQuantizer::scores(const ConstCodesView& codes, std::int64_t n, std::i
   if (!rotation_) throw ValueError(what + ": this rotation has no GPU query rotation (hadamard padded_dim too large)");
   check_pointer(queries, what, "queries");
   check_pointer(out, what, "out");
-  if (mse_bits_ > 0) check_pointer(codes.indices, what, "indices");
-  check_pointer(codes.norms, what, "norms");
-  check_alignment(codes.norms, sizes_.norm_bytes, what, "norms");
-  if (prod) {
-    check_pointer(codes.qjl_signs, what, "qjl_signs");
-    check_pointer(codes.residual_norms, what, "residual_norms");
-    check_alignment(codes.residual_norms, sizes_.norm_bytes, what, "residual_norms");
-  }
-  codec::CodecArgs args{};
-  args.n = heads * n;
-  args.dim = static_cast<int>(dim_);
-  args.padded_dim = static_cast<int>(padded_dim_);
-  args.indices = const_cast<std::uint8_t*>(codes.indices);
-  args.norms = const_cast<std::uint8_t*>(codes.norms);
-  args.signs = const_cast<std::uint8_t*>(codes.qjl_signs);
-  args.residual_norms = const_cast<std::uint8_t*>(codes.residual_norms);
-  args.index_bytes = static_cast<int>(sizes_.index_bytes);
-  args.sign_bytes = static_cast<int>(sizes_.sign_bytes);
-  args.norm_bytes = static_cast<int>(sizes_.norm_bytes);
-  args.planes = plane_info(layout_);
-  args.codebook = codebook_;
-  args.levels = mse_bits_ > 0 ? (1 << mse_bits_) : 0;
-  args.prod = prod;
-  args.qjl_dim = static_cast<int>(qjl_dim_);
-  args.qjl_columns = static_cast<int>(qjl_columns_);
-  args.status = status_;
+  codec::CodecArgs args = code_args(codes, heads * n, what);
 
   detail::ScopedDevice scoped_device(device_, what.c_str());
   std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);

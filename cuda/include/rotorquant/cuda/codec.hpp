@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 
 #include "rotorquant/quantizer.hpp"
 
@@ -40,6 +41,9 @@ constexpr std::int64_t kMaxDeviceCodecPaddedDim = 512;
 enum class OutputDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 class DeviceRotation;
+namespace codec {
+struct CodecArgs;  // kernel arguments (cuda/src/codec_kernels.cuh)
+}  // namespace codec
 
 class DeviceQuantizer {
  public:
@@ -67,6 +71,7 @@ class DeviceQuantizer {
 
  private:
   void finish_checks(void* stream, const char* what, bool check) const;
+  codec::CodecArgs code_args(const ConstCodesView& codes, std::int64_t n, const std::string& what) const;
   void release() noexcept;  // frees the device buffers (destructor, failed construction)
 
   QuantizerParams params_;
