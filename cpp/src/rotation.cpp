@@ -257,9 +257,15 @@ void Rotation::apply_rows(const float* in, float* out, std::int64_t rows) const 
       break;
     case RotationKind::kDense: kernels.gemm(fast_matrices_.data(), dim_, p, in, dim_, out, p, rows); break;
     case RotationKind::kHadamard: kernels.hadamard_apply(parameters_.data(), dim_, p, in, out, rows); break;
-    case RotationKind::kRotorNetwork:
-      detail::rotor_network_apply(detail::rotor_network_plan(p), parameters_.data(), dim_, in, out, rows);
+    case RotationKind::kRotorNetwork: {
+      const detail::RotorNetworkPlan plan = detail::rotor_network_plan(p);
+      if (plan.num_odd_stages == 0) {  // p = 2^a: exactly the randomized Hadamard transform, same arithmetic
+        kernels.hadamard_apply(parameters_.data(), dim_, p, in, out, rows);
+      } else {
+        detail::rotor_network_apply(plan, parameters_.data(), dim_, in, out, rows);
+      }
       break;
+    }
     default: {
       const int k = block_size(kind_);
       kernels.block_apply(k, fast_matrices_.data(), p / k, dim_, in, out, rows);
@@ -277,9 +283,15 @@ void Rotation::inverse_rows(const float* in, float* out, std::int64_t rows, floa
       break;
     case RotationKind::kDense: kernels.gemm(parameters_.data(), p, dim_, in, p, out, dim_, rows); break;
     case RotationKind::kHadamard: kernels.hadamard_inverse(parameters_.data(), dim_, p, in, out, rows, scratch); break;
-    case RotationKind::kRotorNetwork:
-      detail::rotor_network_inverse(detail::rotor_network_plan(p), parameters_.data(), dim_, in, out, rows);
+    case RotationKind::kRotorNetwork: {
+      const detail::RotorNetworkPlan plan = detail::rotor_network_plan(p);
+      if (plan.num_odd_stages == 0) {
+        kernels.hadamard_inverse(parameters_.data(), dim_, p, in, out, rows, scratch);
+      } else {
+        detail::rotor_network_inverse(plan, parameters_.data(), dim_, in, out, rows);
+      }
       break;
+    }
     default: {
       const int k = block_size(kind_);
       kernels.block_inverse(k, fast_matrices_.data(), p / k, dim_, in, out, rows);
