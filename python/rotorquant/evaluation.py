@@ -618,3 +618,61 @@ def run_evaluation(specs: Optional[Sequence[CacheSpec]] = None, model=None, toke
             "baseline_tokens_per_s": baseline["tokens_per_s"], "machine": f"{platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__} (threads {torch.get_num_threads()})",
             "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what `rotorquant eval` runs
+# ---------------------------------------------------------------------------------------------------------------
+COMMAND_BITS = ((8, 4), (4, 4), (4, 3), (3, 3))
+
+
+def command_evaluation(model_path: Optional[Union[str, os.PathLike]] = None, quick: bool = False,
+                       progress: Optional[Callable[[int, int, str], None]] = None) -> Dict[str, Any]:
+    """The evaluation of ``rotorquant eval``: the library's default cache (hadamard, mse, window 128, sinks,
+    key centering) against a DynamicCache measured in the same run, on a GGUF model (SmolLM2 by default).
+
+    Default: perplexity over the first 1024 tokens of GPL-3 in chunks of 128 for K/V bits 8/4, 4/4, 4/3, 3/3,
+    needle retrieval (3 depths, 1500 filler tokens) at K4/V3, bytes per token and the shared-direction stress
+    case. ``quick``: 512 tokens, K4/V3 only, no needle. The full grid of docs/results.md is
+    ``benchmarks/eval_model.py`` (2048 tokens, every rotation, residual_window=0, prod, quanto).
+    """
+    model, tokenizer = load_smollm2(model_path)
+    bits = ((4, 3),) if quick else COMMAND_BITS
+    specs = [CacheSpec(kind="rotorquant", key_bits=k, value_bits=v) for k, v in bits]
+    # ``progress(done, total, label)`` (the command line's bar) from run_evaluation's one line per measurement
+    total = 1 + len(specs) + (0 if quick else 1)
+    done = [0]
+
+    def on_line(line: str) -> None:
+        done[0] = min(done[0] + 1, total - 1)
+        if progress is not None:
+            progress(done[0], total, line)
+
+    result = run_evaluation(specs, model, tokenizer, n_tokens=512 if quick else 1024, needle=not quick,
+                            needle_for=lambda spec: (spec.get("key_bits"), spec.get("value_bits")) == (4, 3),
+                            progress=on_line)
+    if progress is not None:
+        progress(total, total, "done")
+    result["model_path"] = str(model_path) if model_path is not None else MODEL_FILE
+    result["rows"] = [_command_row(row) for row in result["rows"]]
+    if not quick:
+        result["stress"] = [{key: row[key] for key in ("center_keys", "key_bits", "value_bits", "attention_kl",
+                                                        "top1", "output_rel_error")}
+                            for row in shared_direction_stress()]
+    return result
+
+
+def _command_row(row: Dict[str, Any]) -> Dict[str, Any]:
+    """One flat table row of ``rotorquant eval`` (the nested details stay in ``benchmarks/eval_model.py``)."""
+    flat: Dict[str, Any] = {"cache": row["label"]}
+    if "error" in row:
+        flat["error"] = row["error"]
+        return flat
+    flat.update({"perplexity": row["perplexity"], "delta_percent": 100.0 * row["delta"],
+                 "tokens_per_s": row["tokens_per_s"]})
+    if row.get("bytes"):
+        flat["kv_bytes_per_token"] = row["bytes"]["bytes_per_token"]
+        flat["ratio_to_bf16"] = row["bytes"]["ratio_to_bf16"]
+    if "needle" in row:
+        flat["needle"] = f"{row['needle']['correct']}/{row['needle']['total']}"
+    return flat

@@ -237,7 +237,7 @@ def test_eval_adapter_plumbing_with_a_fake_evaluation_module(monkeypatch, tmp_pa
     """Unit test of the CLI's argument plumbing only: a fake rotorquant.evaluation records its call."""
     calls = []
 
-    def run_evaluation(model_path=None, quick=False, progress=None):
+    def command_evaluation(model_path=None, quick=False, progress=None):
         calls.append({"model_path": model_path, "quick": quick, "progress": progress})
         progress(1, 2, "chunk 1")
         progress(2, 2, "chunk 2")
@@ -245,7 +245,7 @@ def test_eval_adapter_plumbing_with_a_fake_evaluation_module(monkeypatch, tmp_pa
                 "needle": [{"bits": 3, "found": 1.0}], "bytes_per_token": 1234}
 
     fake = types.ModuleType("rotorquant.evaluation")
-    fake.run_evaluation = run_evaluation
+    fake.command_evaluation = command_evaluation
     monkeypatch.setitem(sys.modules, "rotorquant.evaluation", fake)
     monkeypatch.setattr(eval_command, "missing_modules", lambda names=(): [])
     model = tmp_path / "model.gguf"

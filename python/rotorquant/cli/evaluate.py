@@ -1,6 +1,6 @@
 """``rotorquant eval``: real-model evaluation (perplexity, needle generation, bytes/token).
 
-The work is ``rotorquant.evaluation.run_evaluation(model_path=..., quick=..., progress=...) -> dict``; this
+The work is ``rotorquant.evaluation.command_evaluation(model_path=..., quick=..., progress=...) -> dict``; this
 module parses arguments, checks that the model and its loaders are installed (without importing them), calls
 the evaluation through ``call_evaluation`` and prints / writes whatever dict comes back.
 """
@@ -54,7 +54,7 @@ def resolve_model(model: Optional[str]) -> Optional[str]:
 
 def call_evaluation(model_path: Optional[str], quick: bool,
                     progress: Callable[..., None]) -> Dict[str, Any]:
-    """The one adapter to ``rotorquant.evaluation.run_evaluation`` (absent until that module is merged)."""
+    """The one adapter to ``rotorquant.evaluation.command_evaluation``."""
     try:
         evaluation = importlib.import_module("rotorquant.evaluation")
     except ModuleNotFoundError as error:
@@ -62,9 +62,9 @@ def call_evaluation(model_path: Optional[str], quick: bool,
             raise CliError(f"the evaluation needs the module {error.name}, which is not installed") from error
         raise CliError("this rotorquant build has no rotorquant.evaluation module yet; "
                        "`rotorquant bench` covers the offline tests") from error
-    result = evaluation.run_evaluation(model_path=model_path, quick=quick, progress=progress)
+    result = evaluation.command_evaluation(model_path=model_path, quick=quick, progress=progress)
     if not isinstance(result, dict):
-        raise CliError(f"run_evaluation returned {type(result).__name__}, expected a dict")
+        raise CliError(f"command_evaluation returned {type(result).__name__}, expected a dict")
     return result
 
 
