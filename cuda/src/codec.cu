@@ -66,9 +66,23 @@ std::int64_t warp_tiles(std::int64_t n) {
 
 // ---- dispatch: kind x chunks ----------------------------------------------------------------
 
+template <int Kind, int C, int Bits>
+void launch_encode_bits(const float* x, const codec::CodecArgs& args, int sms, cudaStream_t stream) {
+  codec::encode_kernel<Kind, C, Bits><<<grid_for(warp_tiles<C>(args.n), sms), codec::kThreads, 0, stream>>>(x, args);
+}
+
+// mse_bits 2, 3, 4 (levels 4, 8, 16) with C <= 8 get the kernels specialized on the bit-plane split.
 template <int Kind, int C>
 void launch_encode_typed(const float* x, const codec::CodecArgs& args, int sms, cudaStream_t stream) {
-  codec::encode_kernel<Kind, C><<<grid_for(warp_tiles<C>(args.n), sms), codec::kThreads, 0, stream>>>(x, args);
+  if (C <= 8) {
+    switch (args.levels) {
+      case 4: return launch_encode_bits<Kind, C, (C <= 8 ? 2 : 0)>(x, args, sms, stream);
+      case 8: return launch_encode_bits<Kind, C, (C <= 8 ? 3 : 0)>(x, args, sms, stream);
+      case 16: return launch_encode_bits<Kind, C, (C <= 8 ? 4 : 0)>(x, args, sms, stream);
+      default: break;
+    }
+  }
+  launch_encode_bits<Kind, C, 0>(x, args, sms, stream);
 }
 
 template <int Kind, int C>

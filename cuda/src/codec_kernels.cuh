@@ -35,14 +35,20 @@ struct BlockSize {
   static constexpr int value = Kind == kRotor3 ? 3 : Kind == kPlanar ? 2 : Kind == kQuat ? 4 : 1;
 };
 
-// Rows per warp tile: kRows * C <= 16 register values per row set (so that 4 blocks of 256 threads fit
-// an SM at <= 64 registers per thread), at most 8 rows.
+// Rows per warp tile: kRows * C <= 16 register values per row set, at most 8 rows.
 template <int C>
 struct Tile {
   static constexpr int kRows = (16 / C) < 8 ? (16 / C < 1 ? 1 : 16 / C) : 8;
   static constexpr int kWidth = 32 * C;
 };
-constexpr int kMinBlocksPerSM = 4;
+// encode: 3 blocks of 256 threads per SM (80 registers); at 64 registers it spilled to local memory.
+constexpr int kEncodeMinBlocksPerSM = 3;
+// decode: 3 blocks (80 registers, no spills) for dense / rotor3, 4 (64 registers) for the others, which measured
+// faster at 4 despite a few spilled registers (H100).
+template <int Kind>
+struct DecodeMinBlocksPerSM {
+  static constexpr int value = (Kind == kDense || Kind == kRotor3) ? 3 : 4;
+};
 
 struct PlaneInfo {
   int num_planes;
@@ -104,6 +110,46 @@ __device__ __forceinline__ int quantize(const float* boundaries, int levels, flo
   return index;
 }
 
+// Compile-time bit-plane split of docs/format.md section 3 for Bits = 2, 3, 4 (Bits = 0: the runtime PlaneInfo).
+__host__ __device__ constexpr int fixed_plane_count(int bits) { return bits == 3 ? 2 : 1; }
+__host__ __device__ constexpr int fixed_plane_width(int bits, int plane) { return bits == 3 ? (plane == 0 ? 2 : 1) : bits; }
+__host__ __device__ constexpr int fixed_plane_shift(int bits, int plane) { return bits == 3 && plane == 0 ? 1 : 0; }
+
+// quantize() with a compile-time number of levels: the same search (the same comparisons b <= y), its first two
+// steps on boundaries held in registers (top[0] = b[L/2 - 1], top[1] = b[L/4 - 1], top[2] = b[3L/4 - 1]), the
+// remaining Bits - 2 steps from shared memory.
+template <int Bits>
+__device__ __forceinline__ int quantize_fixed(const float* boundaries, const float top[3], float y) {
+  constexpr int kLevels = 1 << Bits;
+  const bool upper = top[0] <= y;
+  int index = upper ? kLevels / 2 : 0;
+  if (upper ? top[2] <= y : top[1] <= y) index += kLevels / 4;
+#pragma unroll
+  for (int step = kLevels / 8; step > 0; step >>= 1) {
+    if (boundaries[index + step - 1] <= y) index += step;
+  }
+  return index;
+}
+
+// Bits 0..15 of v to the even positions 0, 2, ..., 30.
+__device__ __forceinline__ unsigned spread_by_2(unsigned v) {
+  v &= 0xFFFFu;
+  v = (v | (v << 8)) & 0x00FF00FFu;
+  v = (v | (v << 4)) & 0x0F0F0F0Fu;
+  v = (v | (v << 2)) & 0x33333333u;
+  v = (v | (v << 1)) & 0x55555555u;
+  return v;
+}
+
+// Bits 0..7 of v to positions 0, 4, ..., 28.
+__device__ __forceinline__ unsigned spread_by_4(unsigned v) {
+  v &= 0xFFu;
+  v = (v | (v << 12)) & 0x000F000Fu;
+  v = (v | (v << 6)) & 0x03030303u;
+  v = (v | (v << 3)) & 0x11111111u;
+  return v;
+}
+
 __device__ __forceinline__ void store_bytes(std::uint8_t* base, int word, unsigned value, int limit_bytes,
                                             bool words_ok) {
   if (words_ok) {
@@ -114,6 +160,42 @@ __device__ __forceinline__ void store_bytes(std::uint8_t* base, int word, unsign
   for (int b = 0; b < 4; ++b) {
     const int byte = 4 * word + b;
     if (byte < limit_bytes) base[byte] = static_cast<std::uint8_t>(value >> (8 * b));
+  }
+}
+
+// Bit planes of one row from its indices in registers (idx[c]: coordinate 32 c + lane), compile-time split:
+// one ballot per (32-coordinate chunk, plane bit); lane w then builds packed word w of the plane by
+// interleaving the ballots (a width-w plane word holds 32 / w consecutive coordinates, w bits each, LSB first)
+// and consecutive lanes store consecutive words. Coordinates >= p give zero bits. Needs C * width <= 32.
+template <int Bits, int C>
+__device__ __forceinline__ void pack_planes_fixed(const int idx[C], int p, int lane, bool valid, std::uint8_t* out,
+                                                  const PlaneInfo& planes, bool words_ok) {
+  int masked[C];  // coordinates >= p contribute zero bits
+#pragma unroll
+  for (int c = 0; c < C; ++c) masked[c] = 32 * c + lane < p ? idx[c] : 0;
+#pragma unroll
+  for (int plane = 0; plane < fixed_plane_count(Bits); ++plane) {
+    const int width = fixed_plane_width(Bits, plane), shift = fixed_plane_shift(Bits, plane);
+    const int chunk = lane / width, part = lane - chunk * width;
+    unsigned word = 0u;
+#pragma unroll
+    for (int b = 0; b < width; ++b) {
+      unsigned chosen = 0u;
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const unsigned ballot = __ballot_sync(kFullMask, (masked[c] >> (shift + b)) & 1);
+        if (c == chunk) chosen = ballot;
+      }
+      if (width == 1) {
+        word = chosen;
+      } else if (width == 2) {
+        word |= spread_by_2(chosen >> (16 * part)) << b;
+      } else {
+        word |= spread_by_4(chosen >> (8 * part)) << b;
+      }
+    }
+    const int bytes = planes.bytes[plane];
+    if (valid && 4 * lane < bytes) store_bytes(out + planes.offset[plane], lane, word, bytes, words_ok);
   }
 }
 
@@ -234,18 +316,31 @@ __device__ __forceinline__ void warp_block_rotation(const float* v, const float*
 
 // ---- encode ---------------------------------------------------------------------------------
 
-template <int Kind, int C>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) encode_kernel(const float* __restrict__ x, CodecArgs args) {
+// Bits = 2, 3, 4: compile-time quantization and plane packing (C <= 8); Bits = 0: any mse_bits, runtime tables.
+template <int Kind, int C, int Bits>
+__global__ void __launch_bounds__(kThreads, kEncodeMinBlocksPerSM) encode_kernel(const float* __restrict__ x, CodecArgs args) {
   constexpr int R = Tile<C>::kRows;
   constexpr int W = Tile<C>::kWidth;
   __shared__ __align__(16) float shared[kWarps][R * W];
   __shared__ float codebook[2 * 256];
   __shared__ __align__(16) std::uint8_t index_shared[kWarps][W];
   __shared__ double norm_shared[kWarps][R];
+  __shared__ double centroid_squares[256];  // (double)c * (double)c, exact (norm correction)
   for (int t = threadIdx.x; t < 2 * args.levels - 1; t += blockDim.x) codebook[t] = args.codebook[t];
+  for (int t = threadIdx.x; t < args.levels; t += blockDim.x) {
+    const double centroid = static_cast<double>(args.codebook[args.levels - 1 + t]);
+    centroid_squares[t] = centroid * centroid;
+  }
   __syncthreads();
   const float* boundaries = codebook;
   const float* centroids = codebook + (args.levels > 0 ? args.levels - 1 : 0);
+  float top_boundaries[3] = {0.0f, 0.0f, 0.0f};  // Bits >= 2: see quantize_fixed
+  if constexpr (Bits >= 2) {
+    constexpr int kLevels = 1 << Bits;
+    top_boundaries[0] = boundaries[kLevels / 2 - 1];
+    top_boundaries[1] = boundaries[kLevels / 4 - 1];
+    top_boundaries[2] = boundaries[3 * kLevels / 4 - 1];
+  }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* buffer = shared[warp];
@@ -276,7 +371,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) encode_kernel(const
       }
     }
     // 2. norms (double), finite check, unit vectors u_j = (float)((double)x_j / norm)
+    //    The R row sums are reduced in turn; then lane l computes sqrt and the reciprocal of row l % R only
+    //    (one double sqrt / reciprocal per tile instead of one per row) and the results are broadcast.
+    //    x_j^2 is exact in double, so fma(x, x, sum) is the canonical double sum of squares.
     double norm[R];
+    bool all_finite[R];
+    double lane_sum = 0.0;
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       bool finite = true;
@@ -284,19 +384,27 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) encode_kernel(const
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         finite = finite && isfinite(v[k][c]);
-        sum += static_cast<double>(v[k][c]) * static_cast<double>(v[k][c]);
+        const double value = static_cast<double>(v[k][c]);
+        sum = fma(value, value, sum);
       }
-      const bool all_finite = __all_sync(kFullMask, finite);
+      all_finite[k] = __all_sync(kFullMask, finite);
       sum = warp_sum(sum);
-      double value = sqrt(sum);
-      if (!all_finite) {
-        if (lane == 0 && row0 + k < n) atomicMin(args.status + 0, static_cast<unsigned long long>(row0 + k));
-        value = 0.0;
+      if (lane % R == k) lane_sum = sum;
+      if (!all_finite[k] && lane == 0 && row0 + k < n) {
+        atomicMin(args.status + 0, static_cast<unsigned long long>(row0 + k));
       }
+    }
+    const double lane_norm = sqrt(lane_sum);
+    const double lane_reciprocal = __drcp_rn(lane_norm);  // correctly rounded 1 / norm (as 1.0 / norm)
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const double row_norm = __shfl_sync(kFullMask, lane_norm, k);
+      const double row_reciprocal = __shfl_sync(kFullMask, lane_reciprocal, k);
+      const double value = all_finite[k] ? row_norm : 0.0;
       norm[k] = value;
       // u_j = (float)((double)x_j / norm): the correctly rounded double quotient from the correctly rounded
       // reciprocal and one FMA correction (Markstein), then rounded to float; one division per row.
-      const double reciprocal = value == 0.0 ? 0.0 : 1.0 / value;
+      const double reciprocal = value == 0.0 ? 0.0 : row_reciprocal;
 #pragma unroll
       for (int c = 0; c < C; ++c) {
         const double numerator = static_cast<double>(v[k][c]);
@@ -350,14 +458,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) encode_kernel(const
       double centroid_sq = 0.0, residual_sq = 0.0;
       int idx[C];
 #pragma unroll
-      for (int c = 0; c < C; ++c) idx[c] = args.levels > 0 ? quantize(boundaries, args.levels, y[c]) : 0;
+      for (int c = 0; c < C; ++c) {
+        if constexpr (Bits > 0) {
+          idx[c] = quantize_fixed<Bits>(boundaries, top_boundaries, y[c]);
+        } else {
+          idx[c] = args.levels > 0 ? quantize(boundaries, args.levels, y[c]) : 0;
+        }
+      }
       if (args.norm_correction && args.levels > 0) {
 #pragma unroll
         for (int c = 0; c < C; ++c) {
-          if (32 * c + lane < p) {
-            const float centroid = centroids[idx[c]];
-            centroid_sq += static_cast<double>(centroid) * static_cast<double>(centroid);
-          }
+          if (32 * c + lane < p) centroid_sq += centroid_squares[idx[c]];
         }
       }
       if (args.prod) {
@@ -367,11 +478,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) encode_kernel(const
           float residual = 0.0f;
           if (j < p) residual = args.levels > 0 ? __fsub_rn(y[c], centroids[idx[c]]) : y[c];
           if (row_norm == 0.0) residual = 0.0f;  // zero vector: signs +, residual norm 0
-          residual_sq += static_cast<double>(residual) * static_cast<double>(residual);
+          const double residual_value = static_cast<double>(residual);
+          residual_sq = fma(residual_value, residual_value, residual_sq);  // exact square: = the double sum
           buffer[k * W + j] = residual;
         }
       }
-      if (args.levels > 0) {
+      if constexpr (Bits > 0) {
+        pack_planes_fixed<Bits, C>(idx, p, lane, valid, args.indices + row * args.index_bytes, args.planes,
+                                   args.words_ok_indices);
+      } else if (args.levels > 0) {
         // Bit planes: the row's indices as bytes in shared memory, then lane t builds packed words t, t + 32, ...
         // (consecutive lanes write consecutive words; no shuffles).
 #pragma unroll
@@ -483,7 +598,7 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 convert_out<__nv_bfloat16>(float value) { return __float2bfloat16_rn(value); }
 
 template <int Kind, int C, typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) decode_kernel(CodecArgs args, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads, DecodeMinBlocksPerSM<Kind>::value) decode_kernel(CodecArgs args, T* __restrict__ out) {
   constexpr int R = Tile<C>::kRows;
   constexpr int W = Tile<C>::kWidth;
   __shared__ __align__(16) float shared[kWarps][R * W];
