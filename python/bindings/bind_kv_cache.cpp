@@ -171,16 +171,7 @@ void bind_kv_cache(py::module_& m) {
           "quantizer_params",
           [](const KVCache& c, std::int64_t layer, std::int64_t kv_head, bool values) {
             const rotorquant::Quantizer& q = values ? c.value_quantizer(layer, kv_head) : c.key_quantizer(layer, kv_head);
-            const rotorquant::QuantizerParams& p = q.params();
-            py::dict d;
-            d["dim"] = p.dim;
-            d["bits"] = p.bits;
-            d["rotation"] = rotorquant::rotation_kind_name(p.rotation);
-            d["mode"] = rotorquant::quantizer_mode_name(p.mode);
-            d["seed"] = p.seed;
-            d["norm_dtype"] = rotorquant::norm_dtype_name(p.norm_dtype);
-            d["norm_correction"] = p.norm_correction;
-            return d;
+            return params_dict(q.params());
           },
           py::arg("layer"), py::arg("kv_head"), py::arg("values"));
   m.def("kv_quantizer_seed", &rotorquant::kv_quantizer_seed, py::arg("seed"), py::arg("layer"), py::arg("kv_head"),

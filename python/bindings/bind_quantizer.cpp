@@ -98,19 +98,6 @@ ByteArray byte_matrix(const std::vector<std::uint8_t>& data, std::int64_t rows, 
 }
 
 
-py::dict params_dict(const rotorquant::QuantizerParams& p) {
-  py::dict d;
-  d["dim"] = p.dim;
-  d["bits"] = p.bits;
-  d["rotation"] = rotorquant::rotation_kind_name(p.rotation);
-  d["mode"] = rotorquant::quantizer_mode_name(p.mode);
-  d["seed"] = p.seed;
-  d["codebook"] = std::string(rotorquant::codebook_density_name(p.codebook));
-  d["norm_dtype"] = rotorquant::norm_dtype_name(p.norm_dtype);
-  d["norm_correction"] = p.norm_correction;
-  d["qjl_dim"] = p.qjl_dim;
-  return d;
-}
 
 // Per-vector widths of the four code arrays for serialized parameters (without building the
 // quantizer, whose dense rotation may take long to construct).
@@ -143,6 +130,20 @@ ByteSpan byte_span(const py::buffer_info& info, const std::string& what) {
 }
 
 }  // namespace
+
+py::dict params_dict(const rotorquant::QuantizerParams& p) {
+  py::dict d;
+  d["dim"] = p.dim;
+  d["bits"] = p.bits;
+  d["rotation"] = rotorquant::rotation_kind_name(p.rotation);
+  d["mode"] = rotorquant::quantizer_mode_name(p.mode);
+  d["seed"] = p.seed;
+  d["codebook"] = std::string(rotorquant::codebook_density_name(p.codebook));
+  d["norm_dtype"] = rotorquant::norm_dtype_name(p.norm_dtype);
+  d["norm_correction"] = p.norm_correction;
+  d["qjl_dim"] = p.qjl_dim;
+  return d;
+}
 
 void bind_quantizer(py::module_& m) {
   using rotorquant::Quantizer;

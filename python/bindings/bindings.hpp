@@ -7,6 +7,10 @@
 #include <cstdint>
 #include <string>
 
+namespace rotorquant {
+struct QuantizerParams;
+}  // namespace rotorquant
+
 namespace rotorquant_bindings {
 
 void bind_system(pybind11::module_& m);    // bind_system.cpp: threads, build info
@@ -23,5 +27,8 @@ std::string shape_string(const pybind11::array& array);
 // Any integer-like object (int, numpy integer) -> uint64; negative or >= 2**64 -> ValueError,
 // not an integer -> TypeError; `what` names the caller in the message (bind_util.cpp).
 std::uint64_t seed_from_object(const pybind11::object& seed_object, const char* what);
+
+// A quantizer's parameters as the dict Python sees (Quantizer.params, KVCache.quantizer_params) (bind_quantizer.cpp).
+pybind11::dict params_dict(const rotorquant::QuantizerParams& params);
 
 }  // namespace rotorquant_bindings
