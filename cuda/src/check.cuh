@@ -23,6 +23,12 @@ inline void check_launch(const char* context) {
   if (error != cudaSuccess) throw_cuda_error(error, "kernel launch", context);
 }
 
+// The device a constructor works on: `device`, or the current one for -1. RuntimeError without any device,
+// ValueError for an index out of range (device.cu).
+int resolve_device(int device, const char* context);
+// The device's streaming multiprocessor count (at least 1), for grid sizing (device.cu).
+int multiprocessor_count(int device, const char* context);
+
 // Makes `device` current for its lifetime and restores the caller's device afterwards.
 class ScopedDevice {
  public:

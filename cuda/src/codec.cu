@@ -186,20 +186,9 @@ DeviceQuantizer::DeviceQuantizer(const Quantizer& quantizer, int device)
   columns_ = 32 * chunks_;
   qjl_columns_ = qjl_dim_ == 0 ? 0 : (qjl_dim_ + columns_ - 1) / columns_ * columns_;
 
-  const int count = device_count();
-  if (count == 0) throw RuntimeError(std::string(context) + ": no CUDA device is available");
-  if (device == -1) {
-    ROTORQUANT_CUDA_CHECK(cudaGetDevice(&device), context);
-  } else if (device < 0 || device >= count) {
-    throw ValueError(expected_got(std::string(context) + ": device",
-                                  "-1 (current) or an index in [0, " + std::to_string(count) + ")",
-                                  std::to_string(device)));
-  }
-  device_ = device;
+  device_ = detail::resolve_device(device, context);
   detail::ScopedDevice scoped_device(device_, context);
-  ROTORQUANT_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessor_count_, cudaDevAttrMultiProcessorCount, device_),
-                        context);
-  multiprocessor_count_ = std::max(1, multiprocessor_count_);
+  multiprocessor_count_ = detail::multiprocessor_count(device_, context);
 
   const Rotation& rotation = quantizer.rotation();
   const std::int64_t p = padded_dim_;

@@ -20,6 +20,31 @@ int device_count() noexcept {
   return count;
 }
 
+namespace detail {
+
+int resolve_device(int device, const char* context) {
+  const int count = device_count();
+  if (count == 0) {
+    throw RuntimeError(std::string(context) + ": no CUDA device is available (cudaGetDeviceCount found none)");
+  }
+  if (device == -1) {
+    ROTORQUANT_CUDA_CHECK(cudaGetDevice(&device), context);
+  } else if (device < 0 || device >= count) {
+    throw ValueError(rotorquant::detail::expected_got(std::string(context) + ": device",
+                                                      "-1 (current) or an index in [0, " + std::to_string(count) + ")",
+                                                      std::to_string(device)));
+  }
+  return device;
+}
+
+int multiprocessor_count(int device, const char* context) {
+  int count = 0;
+  ROTORQUANT_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), context);
+  return count > 1 ? count : 1;
+}
+
+}  // namespace detail
+
 std::string device_name(int device) {
   const int count = device_count();
   if (device < 0 || device >= count) {

@@ -139,23 +139,10 @@ DeviceRotation::DeviceRotation(const Rotation& rotation, int device)
                                   std::to_string(padded_dim_)));
   }
 
-  const int count = device_count();
-  if (count == 0) {
-    throw RuntimeError(std::string(context) + ": no CUDA device is available (cudaGetDeviceCount found none)");
-  }
-  if (device == -1) {
-    ROTORQUANT_CUDA_CHECK(cudaGetDevice(&device), context);
-  } else if (device < 0 || device >= count) {
-    throw ValueError(expected_got(std::string(context) + ": device",
-                                  "-1 (current) or an index in [0, " + std::to_string(count) + ")",
-                                  std::to_string(device)));
-  }
-  device_ = device;
+  device_ = detail::resolve_device(device, context);
 
   detail::ScopedDevice scoped_device(device_, context);
-  ROTORQUANT_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessor_count_, cudaDevAttrMultiProcessorCount, device_),
-                        context);
-  multiprocessor_count_ = std::max(1, multiprocessor_count_);
+  multiprocessor_count_ = detail::multiprocessor_count(device_, context);
   if (num_parameters_ > 0) {
     const std::size_t bytes = static_cast<std::size_t>(num_parameters_) * sizeof(float);
     ROTORQUANT_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&parameters_), bytes), context);
