@@ -5,33 +5,8 @@
 # Stages can be skipped: SKIP_TESTS=1 SKIP_SANITIZERS=1 SKIP_BENCH=1; BENCH_ARGS passes options to bench_cuda.py.
 set -euo pipefail
 
-REPO="$(pwd)"
-OUT="${OUT:-/tmp/rq_out}"
-mkdir -p "$OUT"
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
-note() { echo "$*" | tee -a "$SUMMARY"; }
-
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
-
-if ! command -v nvcc > /dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
-  export PATH="/usr/local/cuda/bin:$PATH"
-fi
-export CUDACXX="${CUDACXX:-$(command -v nvcc || true)}"
-export ROTORQUANT_CUDA=ON ROTORQUANT_CUDA_ARCHS="${ROTORQUANT_CUDA_ARCHS:-90}"
-export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-build_start=$(date +%s)
-if ! python3 -m pip install --no-build-isolation --no-deps -v . > /tmp/rq_build_full.log 2>&1; then
-  tail -80 /tmp/rq_build_full.log | tee "$OUT/build.log"
-  note "BUILD FAILED (see build.log)"
-  exit 1
-fi
-tail -30 /tmp/rq_build_full.log > "$OUT/build.log"
-note "build+install: $(( $(date +%s) - build_start )) s"
+# shellcheck source=benchmarks/gpu_build.sh
+. "$(dirname "$0")/gpu_build.sh"
 cd /tmp
 
 set +e
