@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "warp_fwht.cuh"
+
 namespace rotorquant {
 namespace cuda {
 namespace codec {
@@ -264,32 +266,6 @@ __device__ __forceinline__ void warp_gemm(const float* A, int lda, int depth, co
 #pragma unroll
     for (int c = 0; c < C; ++c) acc[k][c] = 0.0f;
   warp_gemm_accumulate<R, C>(A, lda, depth, W, ldw, col0, lane, acc);
-}
-
-// In-register Walsh-Hadamard butterflies over p = 2^k coordinates held as j = 32 c + lane:
-// strides h = 1, 2, ..., p / 2 in that order, (a, b) -> (a + b, a - b).
-template <int C>
-__device__ __forceinline__ void warp_fwht(float v[C], int p, int lane) {
-#pragma unroll
-  for (int h = 1; h < 32; h <<= 1) {
-    if (h >= p) break;
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const float partner = __shfl_xor_sync(kFullMask, v[c], h);
-      v[c] = (lane & h) ? __fsub_rn(partner, v[c]) : __fadd_rn(v[c], partner);
-    }
-  }
-#pragma unroll
-  for (int hc = 1; hc < C; hc <<= 1) {
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      if ((c & hc) == 0) {
-        const float a = v[c], b = v[c + hc];
-        v[c] = __fadd_rn(a, b);
-        v[c + hc] = __fsub_rn(a, b);
-      }
-    }
-  }
 }
 
 // Block kinds: y_i = sum_jj B[g][ii][jj] * v[g K + jj] (i = g K + ii), fmaf chain from +0.0f.

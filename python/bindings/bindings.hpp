@@ -20,6 +20,7 @@ void bind_rotation(pybind11::module_& m);  // bind_rotation.cpp: Rotation on CPU
 void bind_cuda(pybind11::module_& m);      // bind_cuda.cpp: device queries and CUDA launches (stubs without CUDA)
 void bind_quantizer(pybind11::module_& m);  // bind_quantizer.cpp: Quantizer, code (de)serialization
 void bind_kv_cache(pybind11::module_& m);  // bind_kv_cache.cpp: compressed KV cache
+void bind_attention(pybind11::module_& m);  // bind_attention.cpp: fused CUDA decode attention
 
 // "(2, 3)" / "(5,)": an array's shape as Python prints it, for error messages (bind_util.cpp).
 std::string shape_string(const pybind11::array& array);

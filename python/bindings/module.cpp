@@ -32,4 +32,5 @@ PYBIND11_MODULE(_core, m) {
   rotorquant_bindings::bind_cuda(m);
   rotorquant_bindings::bind_quantizer(m);
   rotorquant_bindings::bind_kv_cache(m);
+  rotorquant_bindings::bind_attention(m);
 }

@@ -25,11 +25,13 @@ from ._codebook import Codebook, codebook
 from ._rotation import Rotation, rotation_kinds
 from ._quantizer import Codes, Quantizer, RotorQuant, TurboQuant, concatenate
 from ._kv_cache import KVCache
+from ._attention import DecodeAttention
 
 __all__ = [
     "__version__",
     "Codebook",
     "Codes",
+    "DecodeAttention",
     "KVCache",
     "Quantizer",
     "RotorQuant",

@@ -1,0 +1,157 @@
+"""Fused decode attention on compressed K/V (rotorquant.DecodeAttention) against torch SDPA in bf16, on one GPU.
+
+    python benchmarks/bench_attention.py [--quick] [--batches 1 8 32] [--contexts 4096 32768 131072]
+
+Shapes (issue 6): Hq = 32 query heads, Hkv = 8 KV heads, head_dim 128, one query position per sequence (decode),
+every sequence at the full context, K/V bits 4/4, 4/3, 3/3, 2/2 (hadamard rotation, float16 norms), no
+full-precision window (the codes path alone). Codes are random bytes (every bit pattern is a valid index) with
+random positive norms: speed does not depend on the values.
+
+Columns:
+- ms: one attention call (CUDA events, mean of repeated calls after a warm-up; prepare + split + combine launches).
+- GB/s: compressed bytes read (K and V indices + norms) / time; "of copy": that over the device-to-device copy
+  bandwidth measured in the same run (torch copy_ of 2 GiB, read + write counted).
+- SDPA ms: torch.nn.functional.scaled_dot_product_attention on bf16 K/V of the same shape (enable_gqa, the
+  backend torch picks), its GB/s on the bf16 K/V bytes, and the ratio SDPA time / fused time ("x SDPA").
+- dec+SDPA ms: the codes decoded to bf16 by the CUDA codec (one launch per KV head) then SDPA; "x dec+SDPA" likewise.
+Rows that do not fit in memory are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import rotorquant as rq
+from rotorquant import _core
+
+Q_HEADS, KV_HEADS, DIM = 32, 8, 128
+BITS = [(4, 4), (4, 3), (3, 3), (2, 2)]
+
+
+def time_ms(fn, min_total_ms=60.0, warmup=2):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    repeats = 1
+    while True:
+        start.record()
+        for _ in range(repeats):
+            fn()
+        stop.record()
+        torch.cuda.synchronize()
+        total = start.elapsed_time(stop)
+        if total >= min_total_ms or repeats >= 256:
+            return total / repeats
+        repeats *= 2
+
+
+def copy_bandwidth(device) -> float:
+    src = torch.empty(1 << 31, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * (1 << 31) / ms / 1e6  # GB/s, read + write
+
+
+def quantizers(bits, values, seed=0):
+    return [rq.Quantizer(DIM, bits, rotation="hadamard", seed=seed + 2 * h + values) for h in range(KV_HEADS)]
+
+
+def random_codes(batch, context, q, device):
+    """Codes stored head-major (Hkv, B, T, bytes) so that one decode launch per head covers a head: passed to the
+    fused kernel as a (B, Hkv, T, bytes) view."""
+    nat = q._native
+    indices = torch.randint(0, 256, (KV_HEADS, batch, context, nat.index_bytes), dtype=torch.uint8, device=device)
+    norms = (torch.rand((KV_HEADS, batch, context), device=device) * 20 + 1).half()
+    norms = norms.view(torch.uint8).view(KV_HEADS, batch, context, 2)
+    return indices, norms
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="B in {1, 32}, context 32K, bits 3/3 and 4/3")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--no-baselines", action="store_true", help="skip SDPA and decode+SDPA")
+    args = parser.parse_args()
+    if not (torch.cuda.is_available() and rq.has_cuda()):
+        print("bench_attention: needs a CUDA device and a CUDA build of rotorquant", file=sys.stderr)
+        return 1
+    batches, contexts, bit_pairs = args.batches, args.contexts, BITS
+    if args.quick:
+        batches, contexts, bit_pairs = [1, 32], [32768], [(3, 3), (4, 3)]
+    device = torch.device("cuda", 0)
+    props = torch.cuda.get_device_properties(device)
+    copy = copy_bandwidth(device)
+    print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}; "
+          f"copy bandwidth (read + write) {copy:.0f} GB/s")
+    print(f"Hq={Q_HEADS} Hkv={KV_HEADS} d={DIM}, decode (1 query position), hadamard codes, fp16 norms")
+    header = (f"{'B':>3} {'context':>8} {'K/V':>4} {'bytes/tok':>9} {'ms':>8} {'GB/s':>7} {'of copy':>7} "
+              f"{'SDPA ms':>8} {'SDPA GB/s':>9} {'x SDPA':>7} {'dec+SDPA ms':>11} {'x dec+SDPA':>10}")
+    print(header)
+    print("-" * len(header))
+    stream = torch.cuda.current_stream(device).cuda_stream
+    for batch in batches:
+        for context in contexts:
+            sdpa_ms = None
+            for key_bits, value_bits in bit_pairs:
+                kq, vq = quantizers(key_bits, 0), quantizers(value_bits, 1)
+                per_token = kq[0]._native.index_bytes + vq[0]._native.index_bytes + 4
+                bf16_bytes = 2 * batch * KV_HEADS * context * DIM * 2
+                code_bytes = batch * KV_HEADS * context * per_token
+                free, _ = torch.cuda.mem_get_info(device)
+                needed = code_bytes + (0 if args.no_baselines else 2 * bf16_bytes) + (1 << 30)
+                if needed > free:
+                    print(f"{batch:>3} {context:>8} {key_bits}/{value_bits}  skipped: needs {needed / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} free")
+                    continue
+                attention = rq.DecodeAttention(kq, vq, device=device)
+                ki, kn = random_codes(batch, context, kq[0], device)
+                vi, vn = random_codes(batch, context, vq[0], device)
+                lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+                q = torch.randn(batch, Q_HEADS, DIM, device=device, dtype=torch.bfloat16)
+                views = [t.permute(1, 0, 2, 3) for t in (ki, kn, vi, vn)]
+
+                def fused():
+                    return attention(q, *views, lengths)
+
+                ms = time_ms(fused)
+                row = (f"{batch:>3} {context:>8} {key_bits}/{value_bits:<2} {per_token:>9} {ms:>8.3f} "
+                       f"{code_bytes / ms / 1e6:>7.0f} {code_bytes / ms / 1e6 / copy:>7.1%}")
+                if not args.no_baselines:
+                    q4 = q.unsqueeze(2)
+                    if sdpa_ms is None:
+                        k16 = torch.randn(batch, KV_HEADS, context, DIM, device=device, dtype=torch.bfloat16)
+                        v16 = torch.randn_like(k16)
+                        sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q4, k16, v16, enable_gqa=True))
+                        del k16, v16
+                    k16 = torch.empty(KV_HEADS, batch, context, DIM, device=device, dtype=torch.bfloat16)
+                    v16 = torch.empty_like(k16)
+                    kd = [_core.CudaQuantizer(x._native, device.index) for x in kq]
+                    vd = [_core.CudaQuantizer(x._native, device.index) for x in vq]
+
+                    def decode_then_sdpa():
+                        for h in range(KV_HEADS):
+                            kd[h].decode(ki[h].data_ptr(), kn[h].data_ptr(), 0, 0, batch * context, k16[h].data_ptr(), 2,
+                                         stream, False)
+                            vd[h].decode(vi[h].data_ptr(), vn[h].data_ptr(), 0, 0, batch * context, v16[h].data_ptr(), 2,
+                                         stream, False)
+                        return F.scaled_dot_product_attention(q4, k16.permute(1, 0, 2, 3), v16.permute(1, 0, 2, 3),
+                                                              enable_gqa=True)
+
+                    decode_ms = time_ms(decode_then_sdpa)
+                    del k16, v16
+                    row += (f" {sdpa_ms:>8.3f} {bf16_bytes / sdpa_ms / 1e6:>9.0f} {sdpa_ms / ms:>7.2f} "
+                            f"{decode_ms:>11.3f} {decode_ms / ms:>10.2f}")
+                print(row, flush=True)
+                del ki, kn, vi, vn, views, attention
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Device script of the fused decode attention (issue 6): build with CUDA sm_90, the attention tests,
+# benchmarks/bench_attention.py, optionally ncu on one shape and compute-sanitizer memcheck / racecheck on a small
+# script. Logs go to $OUT: build.log  attention_tests.log  bench_attention.txt  ncu_attention.txt  memcheck.log ...
+# Stages: SKIP_TESTS=1 SKIP_BENCH=1 PROFILE=1 SANITIZE=1; BENCH_ARGS / PYTEST_ARGS / EXTRA_TESTS pass options.
+set -euo pipefail
+
+# shellcheck source=benchmarks/gpu_build.sh
+. "$(dirname "$0")/gpu_build.sh"
+cd /tmp
+
+set +e
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout "${CUDA_TESTS_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --maxfail=20 --tb=short \
+    "$REPO/tests/python/test_decode_attention.py" ${EXTRA_TESTS:-} -rs ${PYTEST_ARGS:-} > "$OUT/attention_tests.log" 2>&1
+  note "attention tests: $(tail -1 "$OUT/attention_tests.log")"
+fi
+
+if [ -z "${SKIP_BENCH:-}" ]; then
+  timeout "${BENCH_TIMEOUT:-300}" python3 "$REPO/benchmarks/bench_attention.py" ${BENCH_ARGS:-} \
+    > "$OUT/bench_attention.txt" 2>&1
+  note "bench exit: $?"
+fi
+
+cat > /tmp/rq_attention_small.py <<'PY'
+import sys
+import torch
+import rotorquant as rq
+
+# A few small calls over every head-chunk width and bit pair (for the sanitizers and the profiler).
+device = torch.device("cuda", 0)
+batch, context = int(sys.argv[1]), int(sys.argv[2])
+for group, (kb, vb) in ((1, (2, 2)), (3, (3, 3)), (4, (4, 3)), (8, (3, 4))):
+    kq = [rq.Quantizer(128, kb, rotation="hadamard", seed=h) for h in range(8)]
+    vq = [rq.Quantizer(128, vb, rotation="hadamard", seed=100 + h) for h in range(8)]
+    att = rq.DecodeAttention(kq, vq)
+    ki = torch.randint(0, 256, (batch, 8, context, kq[0]._native.index_bytes), dtype=torch.uint8, device=device)
+    vi = torch.randint(0, 256, (batch, 8, context, vq[0]._native.index_bytes), dtype=torch.uint8, device=device)
+    norms = torch.rand(batch, 8, context, device=device).half().view(torch.uint8).view(batch, 8, context, 2)
+    lengths = torch.randint(0, context + 1, (batch,), dtype=torch.int32, device=device)
+    fp_k = torch.randn(batch, 8, 20, 128, device=device)
+    fp_len = torch.randint(0, 21, (batch,), dtype=torch.int32, device=device)
+    q = torch.randn(batch, 8 * group, 128, device=device, dtype=torch.float16)
+    out = att(q, ki, norms, vi, norms, lengths, fp_keys=fp_k, fp_values=fp_k, fp_lengths=fp_len)
+    torch.cuda.synchronize()
+    print(group, kb, vb, float(out.float().abs().mean()), flush=True)
+print("done")
+PY
+
+if [ -n "${PROFILE:-}" ]; then
+  NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
+  if [ -n "$NCU" ]; then
+    timeout "${PROFILE_TIMEOUT:-120}" "$NCU" --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis -k regex:"split_kernel" -c 4 \
+      python3 /tmp/rq_attention_small.py 32 8192 > "$OUT/ncu_attention.txt" 2>&1
+    note "ncu exit: $?"
+  else
+    note "ncu not found"
+  fi
+fi
+
+if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer > /dev/null; then
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 python3 /tmp/rq_attention_small.py 3 700 \
+    > "$OUT/memcheck.log" 2>&1
+  note "memcheck exit: $? ($(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1))"
+  timeout 120 compute-sanitizer --tool racecheck --error-exitcode 3 python3 /tmp/rq_attention_small.py 3 700 \
+    > "$OUT/racecheck.log" 2>&1
+  note "racecheck exit: $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1))"
+fi
+
+set -e
+cat "$SUMMARY"
