@@ -8,6 +8,7 @@
 #include <string>
 
 #include "rotorquant/error.hpp"
+#include "rotorquant/detail/kv_statistics.hpp"
 #include "rotorquant/format.hpp"
 #include "rotorquant/parallel.hpp"
 
@@ -111,6 +112,89 @@ struct KVCache::Layer {
   std::vector<float> key_mean, value_mean, key_scale;  // num_kv_heads * head_dim each (when enabled)
   std::vector<Stream> streams;                         // batch * num_kv_heads
 };
+
+namespace detail {
+
+KVChunkStatistics kv_chunk_statistics(const float* keys, const float* values, std::int64_t batch, std::int64_t heads,
+                                      std::int64_t tokens, std::int64_t head_dim, bool center_keys, bool center_values,
+                                      float key_channel_scaling, const char* what) {
+  auto fail = [&](const std::string& name, const std::string& expected, const std::string& got) {
+    throw ValueError(expected_got(std::string(what) + ": " + name, expected, got));
+  };
+  if (batch < 1) fail("batch", ">= 1", std::to_string(batch));
+  if (heads < 1) fail("heads", ">= 1", std::to_string(heads));
+  if (tokens < 1) fail("tokens", ">= 1", std::to_string(tokens));
+  if (head_dim < 1) fail("head_dim", ">= 1", std::to_string(head_dim));
+  if (!(key_channel_scaling >= 0.0f && key_channel_scaling <= 1.0f)) {
+    fail("key_channel_scaling", "an exponent in [0, 1] (0 = off)", std::to_string(key_channel_scaling));
+  }
+  if (keys == nullptr || values == nullptr) throw ValueError(std::string(what) + ": expected non-null keys and values");
+  const std::int64_t d = head_dim;
+  check_finite(keys, batch * heads * tokens * d, what, "keys");
+  check_finite(values, batch * heads * tokens * d, what, "values");
+  auto token_row = [&](const float* base, std::int64_t b, std::int64_t h, std::int64_t t) {
+    return base + ((b * heads + h) * tokens + t) * d;
+  };
+  KVChunkStatistics out;
+  std::vector<float>& key_mean_local = out.key_mean;
+  std::vector<float>& value_mean_local = out.value_mean;
+  std::vector<float>& key_scale_local = out.key_scale;
+  const double count = static_cast<double>(batch * tokens);
+  const bool scaling = key_channel_scaling > 0.0f;
+  if (center_keys) key_mean_local.assign(static_cast<std::size_t>(heads * d), 0.0f);
+  if (center_values) value_mean_local.assign(static_cast<std::size_t>(heads * d), 0.0f);
+  if (scaling) key_scale_local.assign(static_cast<std::size_t>(heads * d), 1.0f);
+  for (std::int64_t h = 0; h < heads; ++h) {
+    std::vector<double> kmean(static_cast<std::size_t>(d), 0.0), vmean(static_cast<std::size_t>(d), 0.0);
+    for (std::int64_t b = 0; b < batch; ++b) {
+      for (std::int64_t t = 0; t < tokens; ++t) {
+        const float* k = token_row(keys, b, h, t);
+        const float* v = token_row(values, b, h, t);
+        for (std::int64_t j = 0; j < d; ++j) {
+          kmean[static_cast<std::size_t>(j)] += k[j];
+          vmean[static_cast<std::size_t>(j)] += v[j];
+        }
+      }
+    }
+    for (std::int64_t j = 0; j < d; ++j) {
+      if (center_keys) key_mean_local[static_cast<std::size_t>(h * d + j)] = static_cast<float>(kmean[static_cast<std::size_t>(j)] / count);
+      if (center_values) value_mean_local[static_cast<std::size_t>(h * d + j)] = static_cast<float>(vmean[static_cast<std::size_t>(j)] / count);
+    }
+    if (scaling) {
+      std::vector<double> sq(static_cast<std::size_t>(d), 0.0);
+      for (std::int64_t b = 0; b < batch; ++b) {
+        for (std::int64_t t = 0; t < tokens; ++t) {
+          const float* k = token_row(keys, b, h, t);
+          for (std::int64_t j = 0; j < d; ++j) {
+            const double c = static_cast<double>(k[j]) -
+                             (center_keys ? key_mean_local[static_cast<std::size_t>(h * d + j)] : 0.0f);
+            sq[static_cast<std::size_t>(j)] += c * c;
+          }
+        }
+      }
+      double max_rms = 0.0, sum_rms = 0.0;
+      std::vector<double> rms(static_cast<std::size_t>(d));
+      for (std::int64_t j = 0; j < d; ++j) {
+        rms[static_cast<std::size_t>(j)] = std::sqrt(sq[static_cast<std::size_t>(j)] / count);
+        max_rms = std::max(max_rms, rms[static_cast<std::size_t>(j)]);
+      }
+      if (max_rms > 0.0) {
+        for (std::int64_t j = 0; j < d; ++j) {
+          rms[static_cast<std::size_t>(j)] = std::max(rms[static_cast<std::size_t>(j)], 1e-3 * max_rms);
+          sum_rms += rms[static_cast<std::size_t>(j)];
+        }
+        const double mean_rms = sum_rms / static_cast<double>(d);
+        for (std::int64_t j = 0; j < d; ++j) {
+          key_scale_local[static_cast<std::size_t>(h * d + j)] = static_cast<float>(
+              std::pow(rms[static_cast<std::size_t>(j)] / mean_rms, static_cast<double>(key_channel_scaling)));
+        }
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace detail
 
 std::uint64_t kv_quantizer_seed(std::uint64_t seed, std::int64_t layer, std::int64_t kv_head,
                                 std::int64_t num_kv_heads, int kind) {
@@ -227,60 +311,13 @@ void KVCache::append(std::int64_t layer_index, const float* keys, const float* v
                      key_scale_local = layer.key_scale;
   // Statistics fixed from the first chunk: means over (batch, tokens), channel RMS of the centered keys.
   if (!layer.has_statistics) {
-    const double count = static_cast<double>(batch * tokens);
-    const bool scaling = params_.key_channel_scaling > 0.0f;
-    if (params_.center_keys) key_mean_local.assign(static_cast<std::size_t>(heads * d), 0.0f);
-    if (params_.center_values) value_mean_local.assign(static_cast<std::size_t>(heads * d), 0.0f);
-    if (scaling) key_scale_local.assign(static_cast<std::size_t>(heads * d), 1.0f);
-    for (std::int64_t h = 0; h < heads; ++h) {
-      std::vector<double> kmean(static_cast<std::size_t>(d), 0.0), vmean(static_cast<std::size_t>(d), 0.0);
-      for (std::int64_t b = 0; b < batch; ++b) {
-        for (std::int64_t t = 0; t < tokens; ++t) {
-          const float* k = token_row(keys, b, h, t);
-          const float* v = token_row(values, b, h, t);
-          for (std::int64_t j = 0; j < d; ++j) {
-            kmean[static_cast<std::size_t>(j)] += k[j];
-            vmean[static_cast<std::size_t>(j)] += v[j];
-          }
-        }
-      }
-      for (std::int64_t j = 0; j < d; ++j) {
-        if (params_.center_keys) key_mean_local[static_cast<std::size_t>(h * d + j)] = static_cast<float>(kmean[static_cast<std::size_t>(j)] / count);
-        if (params_.center_values) value_mean_local[static_cast<std::size_t>(h * d + j)] = static_cast<float>(vmean[static_cast<std::size_t>(j)] / count);
-      }
-      if (scaling) {
-        std::vector<double> sq(static_cast<std::size_t>(d), 0.0);
-        for (std::int64_t b = 0; b < batch; ++b) {
-          for (std::int64_t t = 0; t < tokens; ++t) {
-            const float* k = token_row(keys, b, h, t);
-            for (std::int64_t j = 0; j < d; ++j) {
-              const double c = static_cast<double>(k[j]) -
-                               (params_.center_keys ? key_mean_local[static_cast<std::size_t>(h * d + j)] : 0.0f);
-              sq[static_cast<std::size_t>(j)] += c * c;
-            }
-          }
-        }
-        double max_rms = 0.0, sum_rms = 0.0;
-        std::vector<double> rms(static_cast<std::size_t>(d));
-        for (std::int64_t j = 0; j < d; ++j) {
-          rms[static_cast<std::size_t>(j)] = std::sqrt(sq[static_cast<std::size_t>(j)] / count);
-          max_rms = std::max(max_rms, rms[static_cast<std::size_t>(j)]);
-        }
-        if (max_rms > 0.0) {
-          for (std::int64_t j = 0; j < d; ++j) {
-            rms[static_cast<std::size_t>(j)] = std::max(rms[static_cast<std::size_t>(j)], 1e-3 * max_rms);
-            sum_rms += rms[static_cast<std::size_t>(j)];
-          }
-          const double mean_rms = sum_rms / static_cast<double>(d);
-          for (std::int64_t j = 0; j < d; ++j) {
-            key_scale_local[static_cast<std::size_t>(h * d + j)] = static_cast<float>(
-                std::pow(rms[static_cast<std::size_t>(j)] / mean_rms, static_cast<double>(params_.key_channel_scaling)));
-          }
-        }
-      }
-    }
+    detail::KVChunkStatistics stats =
+        detail::kv_chunk_statistics(keys, values, batch, heads, tokens, d, params_.center_keys, params_.center_values,
+                                    params_.key_channel_scaling, what);
+    key_mean_local = std::move(stats.key_mean);
+    value_mean_local = std::move(stats.value_mean);
+    key_scale_local = std::move(stats.key_scale);
   }
-
 
   // The first tokens of the sequence go to the sink (before anything else is stored), the rest through the
   // window; the tokens that leave the window (oldest first: old window, then new tokens) are encoded per head
@@ -669,6 +706,22 @@ void KVCache::dequantize(std::int64_t layer_index, float* keys_out, float* value
       }
     }
   }
+}
+
+ConstCodesView KVCache::codes(std::int64_t layer, std::int64_t batch_row, std::int64_t kv_head, bool values) const {
+  const char* what = "KVCache.codes";
+  check_layer(layer, what);
+  if (kv_head < 0 || kv_head >= params_.num_kv_heads) {
+    throw ValueError(detail::expected_got(std::string(what) + ": kv_head",
+                                          "in [0, " + std::to_string(params_.num_kv_heads) + ")", std::to_string(kv_head)));
+  }
+  const Layer& l = *layers_[static_cast<std::size_t>(layer)];
+  if (batch_row < 0 || batch_row >= batch_) {
+    throw ValueError(detail::expected_got(std::string(what) + ": batch row", "in [0, " + std::to_string(batch_) + ")",
+                                          std::to_string(batch_row)));
+  }
+  const Stream& s = l.streams[static_cast<std::size_t>(batch_row * params_.num_kv_heads + kv_head)];
+  return values ? s.values.view() : s.keys.view();
 }
 
 std::int64_t KVCache::seq_length(std::int64_t layer) const {

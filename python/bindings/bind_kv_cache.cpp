@@ -5,11 +5,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "bindings.hpp"
+#include "rotorquant/detail/kv_statistics.hpp"
 #include "rotorquant/kv_cache.hpp"
 
 namespace py = pybind11;
@@ -143,6 +145,29 @@ void bind_kv_cache(py::module_& m) {
             return py::make_tuple(keys, values);
           },
           py::arg("layer"))
+      .def(
+          "codes",
+          [](const KVCache& c, std::int64_t layer, std::int64_t kv_head, bool values) {
+            const std::int64_t count = c.quantized_length(layer);
+            const std::int64_t batch = c.batch_size();
+            const rotorquant::CodeSizes sizes =
+                (values ? c.value_quantizer(layer, kv_head) : c.key_quantizer(layer, kv_head)).code_sizes();
+            const std::int64_t widths[4] = {sizes.index_bytes, sizes.norm_bytes, sizes.sign_bytes,
+                                            sizes.residual_norm_bytes};
+            std::vector<ByteArray> arrays;
+            for (std::int64_t width : widths) arrays.emplace_back(std::vector<py::ssize_t>{batch, count, width});
+            for (std::int64_t b = 0; b < batch; ++b) {
+              const rotorquant::ConstCodesView view = c.codes(layer, b, kv_head, values);
+              const std::uint8_t* sources[4] = {view.indices, view.norms, view.qjl_signs, view.residual_norms};
+              for (int f = 0; f < 4; ++f) {
+                const std::int64_t bytes = count * widths[f];
+                if (bytes > 0) std::copy(sources[f], sources[f] + bytes, arrays[static_cast<std::size_t>(f)].mutable_data() + b * bytes);
+              }
+            }
+            return py::make_tuple(arrays[0], arrays[1], arrays[2], arrays[3]);
+          },
+          py::arg("layer"), py::arg("kv_head"), py::arg("values"),
+          "(indices, norms, qjl_signs, residual_norms) uint8 arrays of shape (batch, quantized_length, bytes).")
       .def("seq_length", &KVCache::seq_length, py::arg("layer"))
       .def("quantized_length", &KVCache::quantized_length, py::arg("layer"))
       .def("window_length", &KVCache::window_length, py::arg("layer"))
@@ -174,6 +199,43 @@ void bind_kv_cache(py::module_& m) {
             return params_dict(q.params());
           },
           py::arg("layer"), py::arg("kv_head"), py::arg("values"));
+  m.def(
+      "kv_chunk_statistics",
+      [](const py::handle& keys_obj, const py::handle& values_obj, bool center_keys, bool center_values,
+         float key_channel_scaling) {
+        const char* what = "KVCache.append";
+        FloatArray keys = checked<FloatArray>(keys_obj, what, "keys", "float32");
+        FloatArray values = checked<FloatArray>(values_obj, what, "values", "float32");
+        if (keys.ndim() != 4) {
+          throw py::value_error(std::string(what) + ": expected keys of shape (batch, heads, tokens, head_dim), got " +
+                                shape_string(keys));
+        }
+        if (values.ndim() != 4 || keys.shape(0) != values.shape(0) || keys.shape(1) != values.shape(1) ||
+            keys.shape(2) != values.shape(2) || keys.shape(3) != values.shape(3)) {
+          throw py::value_error(std::string(what) + ": expected values of the keys' shape " + shape_string(keys) +
+                                ", got " + shape_string(values));
+        }
+        const std::int64_t batch = keys.shape(0), heads = keys.shape(1), tokens = keys.shape(2), d = keys.shape(3);
+        const float* k = keys.data();
+        const float* v = values.data();
+        rotorquant::detail::KVChunkStatistics stats;
+        {
+          py::gil_scoped_release release;
+          stats = rotorquant::detail::kv_chunk_statistics(k, v, batch, heads, tokens, d, center_keys, center_values,
+                                                          key_channel_scaling, what);
+        }
+        auto as_array = [&](const std::vector<float>& data) -> py::object {
+          if (data.empty()) return py::none();
+          FloatArray out({heads, d});
+          std::copy(data.begin(), data.end(), out.mutable_data());
+          return out;
+        };
+        return py::make_tuple(as_array(stats.key_mean), as_array(stats.value_mean), as_array(stats.key_scale));
+      },
+      py::arg("keys"), py::arg("values"), py::arg("center_keys"), py::arg("center_values"),
+      py::arg("key_channel_scaling"),
+      "Statistics a KVCache fixes from the first chunk of a layer: (key_mean, value_mean, key_scale), each a "
+      "(heads, head_dim) float32 array or None when disabled; keys/values (batch, heads, tokens, head_dim) float32.");
   m.def("kv_quantizer_seed", &rotorquant::kv_quantizer_seed, py::arg("seed"), py::arg("layer"), py::arg("kv_head"),
         py::arg("num_kv_heads"), py::arg("kind"));
 }

@@ -6,7 +6,9 @@ with the sdpa mask builder under the same name in ``AttentionMaskInterface``). A
 given a ``RotorQuantCache`` runs attention on the codes through :meth:`rotorquant.KVCache.attend`: the cache's
 ``update`` returns zero-size placeholders (on the ``meta`` device, so that any other consumer fails loudly)
 and the full-precision history is never rebuilt. With any other attention implementation (sdpa, eager, ...)
-the cache hands back dequantized keys and values (the documented slow path). docs/kv_cache.md has details.
+the cache hands back dequantized keys and values (the documented slow path). On a CUDA model (with a CUDA build
+of rotorquant) the cache is device-resident: codes and window stay on the GPU, and decode steps run the fused
+decode-attention kernel on the codes (``KVCache.attend``). docs/kv_cache.md has details.
 
     import rotorquant.hf
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="rotorquant")
@@ -78,8 +80,10 @@ class RotorQuantLayer(CacheLayerMixin):
             setattr(keys, _OWNER_ATTRIBUTE, (self._owner, self.layer_idx))
             return keys, values
         keys, values = kv.dequantize(self.layer_idx)  # the slow path: full-precision K/V rebuilt
-        keys = torch.from_numpy(keys).to(device=key_states.device, dtype=key_states.dtype)
-        values = torch.from_numpy(values).to(device=value_states.device, dtype=value_states.dtype)
+        if isinstance(keys, np.ndarray):
+            keys, values = torch.from_numpy(keys), torch.from_numpy(values)
+        keys = keys.to(device=key_states.device, dtype=key_states.dtype)
+        values = values.to(device=value_states.device, dtype=value_states.dtype)
         return keys, values
 
     def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
@@ -115,7 +119,9 @@ class RotorQuantCache(Cache):
     ``RotorQuantCache(config, key_bits=4, value_bits=3, **options)``: ``config`` is the model's config
     (num_hidden_layers, num_key_value_heads, head_dim are read from its text config); the options are those of
     :class:`rotorquant.KVCache` (rotation, mode, residual_window, sink_tokens, protected_layers, protected_bits,
-    seed, center_keys, center_values, key_channel_scaling, norm_dtype, norm_correction).
+    seed, center_keys, center_values, key_channel_scaling, norm_dtype, norm_correction, device, device_checks).
+    With ``device=None`` (default) the cache follows the model: device-resident on a CUDA model when
+    ``rotorquant.has_cuda()``, on the host otherwise.
     ``attention_on_codes``: None (default) decides from the model config's attention implementation
     (``"rotorquant"`` -> attention on the codes, anything else -> dequantized K/V); True/False force it.
     """

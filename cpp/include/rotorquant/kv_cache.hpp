@@ -85,6 +85,10 @@ class KVCache {
   // tokens exact): out (batch, num_kv_heads, seq_length, head_dim) each. The slow path and the test oracle.
   void dequantize(std::int64_t layer, float* keys_out, float* values_out) const;
 
+  // The packed codes of (layer, batch row, KV head): keys (values = false) or values, quantized_length(layer)
+  // tokens in the SoA layout of docs/format.md, oldest first. Valid until the next non-const call.
+  ConstCodesView codes(std::int64_t layer, std::int64_t batch_row, std::int64_t kv_head, bool values) const;
+
   std::int64_t seq_length(std::int64_t layer) const;
   std::int64_t quantized_length(std::int64_t layer) const;  // tokens held as codes (outside the window)
   std::int64_t window_length(std::int64_t layer) const;     // newest tokens held in full precision
