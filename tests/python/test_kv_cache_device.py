@@ -683,8 +683,8 @@ def test_fused_decode_attention_matches_the_cpu_cache(d, heads, q_heads, dtype):
     host, device = make_pair("cuda", num_layers=1, heads=heads, d=d, **options)
     assert device.attend_path(0, 1) == "fused"
     torch_dtype = getattr(torch, dtype)
-    # the output's own rounding is half an ulp: 2^-11 (fp16), 2^-8 (bf16) relative on top of the kernel's 1e-3
-    tolerance = {"float32": FUSED_TOLERANCE, "float16": 2e-3, "bfloat16": 1e-2}[dtype]
+    # the output's own rounding is half an ulp: 2^-12 (fp16), 2^-9 (bf16) relative, on top of the kernel's 1e-3
+    tolerance = {"float32": FUSED_TOLERANCE, "float16": 2e-3, "bfloat16": 5e-3}[dtype]
     for tokens in (37, 1, 1, 100, 1):
         k, v = random_kv(rng, 3, heads, tokens, d)
         k_device, v_device = on("cuda", k).to(torch_dtype), on("cuda", v).to(torch_dtype)
