@@ -18,10 +18,20 @@ Speed: CPU ``Quantizer.encode`` throughput (vectors/s) on n keys of each d, best
 (> 1 = faster than dense). The machine may be shared: only the ratios of one run mean anything.
 
     python benchmarks/bench_rotor_network.py [--bits 3] [--n 4000] [--threads 1] [--out table.md]
+
+``--speed-only``: only a speed table, on --speed-n keys per d (default 1M: the input streams from memory, as
+in bulk encoding), for --kinds (default dense, hadamard, identity, rotor_network) at --dims (default 64, 96,
+128, 160, 256): encode time per vector (``Quantizer.encode`` of all n keys) and the rotation alone
+(``Rotation.apply`` on 4096 of the keys, repeated; in cache), with the ratios to dense. The kinds are timed in
+turn within every repeat (best of --repeats each), so a load change on a shared machine hits all of them; the
+load average is printed before and after.
+
+    nice python benchmarks/bench_rotor_network.py --speed-only [--speed-n 1000000] [--repeats 5]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -30,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 import rotorquant as rq
+from rotorquant.data import outlier_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_real_kv import evaluate, load_sample  # noqa: E402
@@ -37,17 +48,6 @@ from eval_real_kv import evaluate, load_sample  # noqa: E402
 KINDS = ["identity", "dense", "hadamard", "rotor3", "planar", "quat", "rotor_network"]
 DIMS = [64, 80, 96, 112, 128, 160, 192, 256, 576]
 AWKWARD_DIMS = [97, 176, 208]  # a prime and two head_dims with a factor 11 / 13: padded to 98, 180, 210
-
-
-def outlier_keys(dim: int, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    scale = np.exp(rng.uniform(-0.5, 0.5, dim))
-    count = max(2, dim // 32)
-    channels = rng.choice(dim, count, replace=False)
-    scale[channels] *= rng.uniform(10, 20, count)
-    mean = np.zeros(dim)
-    mean[channels] = 0.5 * scale[channels] * rng.choice([-1.0, 1.0], count)
-    return (mean + scale * rng.standard_normal((n, dim))).astype(np.float32)
 
 
 def log_softmax(scores: np.ndarray) -> np.ndarray:
@@ -87,6 +87,71 @@ def speeds(kind: str, keys: np.ndarray, bits: int, repeats: int) -> tuple[float,
     return best_time(lambda: quantizer.encode(keys), repeats), best_time(lambda: rotation.apply(keys), repeats)
 
 
+SPEED_KINDS = ["dense", "hadamard", "identity", "rotor_network"]
+SPEED_DIMS = [64, 96, 128, 160, 256]
+ROTATE_BLOCK, ROTATE_ROWS = 4096, 200_000  # rotate timings: 4096 rows (in cache) applied ~200k rows' worth
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def speed_table(dims: list[int], kinds: list[str], n: int, bits: int, repeats: int, threads: int,
+                seed: int) -> list[str]:
+    """Encode and rotate time per vector of every kind at every d, kinds interleaved within each repeat."""
+    lines = [f"Speed: rotorquant {rq.__version__}, {cpu_model()} ({os.cpu_count()} logical CPUs), "
+             f"CPU kernels {os.environ.get('ROTORQUANT_CPU_KERNELS', 'auto (widest supported)')}, "
+             f"{threads} thread(s), {bits} bits, mse mode, fp16 norms, n = {n} synthetic outlier keys per d, "
+             f"best of {repeats}; load average (1/5/15 min) at start {load_average()}", "",
+             "| d | kind | padded_dim | encode ns/vector | encode M vectors/s | encode x dense | "
+             "rotate ns/vector (4096 rows in cache) | rotate x dense |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    rq.set_num_threads(threads)
+    for dim in dims:
+        keys = outlier_keys(dim, n, seed=seed + dim)
+        quantizers = {kind: rq.Quantizer(dim, bits, rotation=kind, seed=seed) for kind in kinds}
+        rotations = {kind: rq.Rotation(kind, dim, seed=seed) for kind in kinds}
+        for kind in kinds:  # warm-up (first-touch allocations, lazy tables)
+            quantizers[kind].encode(keys[:1024])
+            rotations[kind].apply(keys[:1024])
+        encode = {kind: float("inf") for kind in kinds}
+        rotate = {kind: float("inf") for kind in kinds}
+        # The rotation alone on a block of rows that stays in cache, into a preallocated output (on n = 1M rows a
+        # new output per call would time page faults more than the rotation).
+        block = keys[:min(n, ROTATE_BLOCK)]
+        rounds = max(1, ROTATE_ROWS // len(block))
+        outputs = {kind: np.empty((len(block), rotations[kind].padded_dim), np.float32) for kind in kinds}
+        for _ in range(repeats):
+            for kind in kinds:
+                encode[kind] = min(encode[kind], best_time(lambda: quantizers[kind].encode(keys), 1))
+                out = outputs[kind]
+                rotate[kind] = min(rotate[kind], best_time(
+                    lambda: [rotations[kind].apply(block, out=out) for _ in range(rounds)], 1) / (rounds * len(block)) * n)
+        base = "dense" if "dense" in kinds else kinds[0]
+        for kind in kinds:
+            lines.append(f"| {dim} | {kind} | {quantizers[kind].padded_dim} | {encode[kind] / n * 1e9:.1f} | "
+                         f"{n / encode[kind] / 1e6:.2f} | {encode[base] / encode[kind]:.2f} | "
+                         f"{rotate[kind] / n * 1e9:.1f} | {rotate[base] / rotate[kind]:.2f} |")
+            print(lines[-1], flush=True)
+        del keys
+    rq.set_num_threads(0)
+    lines += ["", f"Load average at end: {load_average()}"]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=3)
@@ -94,13 +159,28 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU worker threads for the timings")
-    parser.add_argument("--dims", type=int, nargs="+", default=DIMS + AWKWARD_DIMS)
-    parser.add_argument("--kinds", nargs="+", default=KINDS)
+    parser.add_argument("--dims", type=int, nargs="+", default=None,
+                        help="default: 64 80 96 112 128 160 192 256 576 97 176 208 (speed-only: 64 96 128 160 256)")
+    parser.add_argument("--kinds", nargs="+", default=None,
+                        help="default: all kinds (speed-only: dense hadamard identity rotor_network)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown tables here")
+    parser.add_argument("--speed-only", action="store_true", help="only the speed table (see the module doc)")
+    parser.add_argument("--speed-n", type=int, default=1_000_000, help="keys per d in --speed-only mode")
     args = parser.parse_args()
     bits = args.bits
+    if args.speed_only:
+        dims = args.dims or SPEED_DIMS
+        kinds = args.kinds or SPEED_KINDS
+        text = "\n".join(speed_table(dims, kinds, args.speed_n, bits, args.repeats, args.threads, args.seed)) + "\n"
+        print()
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return
+    args.dims = args.dims or DIMS + AWKWARD_DIMS
+    args.kinds = args.kinds or KINDS
     lines = [f"rotorquant {rq.__version__}, {platform.machine()} {platform.processor() or ''}, "
              f"{args.threads} CPU thread(s) for timings, {bits} bits, mse mode, fp16 norms, seed {args.seed}", ""]
 

@@ -88,7 +88,7 @@ void store_norm(NormDtype dtype, double value, std::uint8_t* dst, const char* wh
   const float as_float = static_cast<float>(value);
   if (dtype == NormDtype::kFloat16) {
     const std::uint16_t half = float_to_half(as_float);
-    if (!std::isfinite(half_to_float(half))) {
+    if ((half & 0x7C00u) == 0x7C00u) {  // exponent all ones: inf (or NaN)
       throw ValueError(std::string(what) + ": " + name + " of row " + std::to_string(row) + " is " +
                        std::to_string(value) +
                        ", which overflows float16: expected norms <= 65504, use norm_dtype=\"float32\"");
@@ -332,6 +332,9 @@ void Quantizer::encode(const float* x, std::int64_t n, const CodesView& out) con
   const detail::QuantizerTables& tables = *tables_;
   const detail::Kernels& kernels = detail::kernels();
 
+  const bool identity = params_.rotation == RotationKind::kIdentity;  // then p == d
+  // mse mode without norm correction needs no index bytes: quantize and pack in one kernel pass.
+  const bool pack_in_quantize = codebook != nullptr && !prod && !correct_norm;
   const std::int64_t row_cost = d * (params_.rotation == RotationKind::kDense ? p : 8) + p * (4 + m);
   const std::int64_t tile = std::min(kTileRows, n);
   run_tiles(n, tile, row_cost, [&](TileQueue& queue) {
@@ -342,23 +345,42 @@ void Quantizer::encode(const float* x, std::int64_t n, const CodesView& out) con
     std::vector<float> residual(prod ? static_cast<std::size_t>(tile * p) : 0);
     std::vector<float> projection(prod ? static_cast<std::size_t>(tile * m) : 0);
     std::vector<double> residual_norms(prod ? static_cast<std::size_t>(tile) : 0);
-    std::int64_t first = 0, rows = 0;
-    while (queue.pop(&first, &rows)) {
+    // Each worker takes its next tile before computing the current one, so that normalize can prefetch it.
+    std::int64_t first = 0, rows = 0, next_first = 0, next_rows = 0;
+    bool have_next = queue.pop(&next_first, &next_rows);
+    while (have_next) {
+      first = next_first;
+      rows = next_rows;
+      have_next = queue.pop(&next_first, &next_rows);
       const float* x_tile = x + first * d;
+      // 1. norms and unit vectors (canonical). A row holding NaN or Inf, and only such a row, gets a non-finite
+      // norm (squares of finite floats summed in double cannot overflow): the finiteness check costs no pass.
+      kernels.normalize(x_tile, d, rows, norms.data(), unit.data(), d, have_next ? x + next_first * d : nullptr,
+                        have_next ? next_rows : 0);
       for (std::int64_t r = 0; r < rows; ++r) {
-        if (!row_is_finite(x_tile + r * d, d)) {
+        if (!std::isfinite(norms[static_cast<std::size_t>(r)])) {
           throw ValueError(std::string(what) + ": x row " + std::to_string(first + r) +
                            " contains non-finite values (NaN or Inf): expected finite values");
         }
       }
-      // 1. norms and unit vectors, 2. rotation, 3. indices (all canonical).
-      kernels.normalize(x_tile, d, rows, norms.data(), unit.data(), d);
-      rotation_.apply_rows(unit.data(), rotated.data(), rows);
-      if (codebook) kernels.quantize(rotated.data(), rows * p, boundaries, num_boundaries, idx.data());
+      // 2. rotation (identity: the unit vectors themselves), 3. indices (canonical), packed in the same pass
+      // when nothing else needs the index bytes.
+      const float* y_tile = rotated.data();
+      if (identity) {
+        y_tile = unit.data();
+      } else {
+        rotation_.apply_rows(unit.data(), rotated.data(), rows);
+      }
+      if (pack_in_quantize) {
+        kernels.quantize_pack(y_tile, p, rows, boundaries, num_boundaries, layout_, idx.data(),
+                              out.indices + first * sizes.index_bytes, sizes.index_bytes);
+      } else if (codebook) {
+        kernels.quantize(y_tile, rows * p, boundaries, num_boundaries, idx.data());
+      }
       // 4. prod: residual r = y - c[idx] and its sign sketch sign(S r).
       if (prod) {
         for (std::int64_t r = 0; r < rows; ++r) {
-          const float* y = rotated.data() + r * p;
+          const float* y = y_tile + r * p;
           float* res = residual.data() + r * p;
           if (codebook) {
             const std::uint8_t* row_idx = idx.data() + r * p;
@@ -391,7 +413,7 @@ void Quantizer::encode(const float* x, std::int64_t n, const CodesView& out) con
           continue;
         }
         double stored_norm = norm;
-        if (codebook) {
+        if (codebook && !pack_in_quantize) {
           detail::pack_indices_fast(layout_, p, row_idx, index_out);
           if (correct_norm) {
             double acc[4] = {0.0, 0.0, 0.0, 0.0};

@@ -262,7 +262,7 @@ void Rotation::apply_rows(const float* in, float* out, std::int64_t rows) const 
       if (plan.num_odd_stages == 0) {  // p = 2^a: exactly the randomized Hadamard transform, same arithmetic
         kernels.hadamard_apply(parameters_.data(), dim_, p, in, out, rows);
       } else {
-        detail::rotor_network_apply(plan, parameters_.data(), dim_, in, out, rows);
+        kernels.rotor_network_apply(plan, parameters_.data(), dim_, in, out, rows);
       }
       break;
     }

@@ -5,7 +5,10 @@
 // Forward arithmetic is canonical (bit-exact across backends): sign multiply (exact),
 // butterflies (a, b) -> (a + b, a - b) with strides 1, 2, ..., 2^(a-1) (float adds),
 // odd stages as fmaf chains from +0.0f over the block row in ascending order, then one
-// multiply by the float scale. The inverse and matrix() are free to differ in rounding.
+// multiply by the float scale. The float forward map runs in the CPU kernels
+// (detail/kernels.hpp: Kernels::rotor_network_apply, cpp/src/simd_kernels_impl.hpp); this file
+// holds the plan, the parameters, the inverse and matrix() (the same stages in double), which
+// are free to differ in rounding.
 #include "rotorquant/detail/rotor_network.hpp"
 
 #include <algorithm>
@@ -233,19 +236,6 @@ std::vector<float> rotor_network_parameters(std::int64_t padded_dim, std::uint64
               parameters.begin() + static_cast<std::ptrdiff_t>(plan.block_offset[q]));
   }
   return parameters;
-}
-
-void rotor_network_apply(const RotorNetworkPlan& plan, const float* parameters, std::int64_t dim,
-                         const float* in, float* out, std::int64_t rows) {
-  const std::int64_t p = plan.padded_dim;
-  std::vector<float> scratch(plan.num_odd_stages > 0 ? static_cast<std::size_t>(p) : 0);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const float* x = in + r * dim;
-    float* y = out + r * p;
-    for (std::int64_t i = 0; i < dim; ++i) y[i] = x[i] * parameters[i];
-    for (std::int64_t i = dim; i < p; ++i) y[i] = 0.0f;
-    forward_stages(plan, parameters, y, scratch.data());
-  }
 }
 
 void rotor_network_inverse(const RotorNetworkPlan& plan, const float* parameters, std::int64_t dim,

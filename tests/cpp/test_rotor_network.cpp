@@ -8,9 +8,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "rotorquant/clifford.hpp"
+#include "rotorquant/detail/kernels.hpp"
 #include "rotorquant/detail/rotor_network.hpp"
 #include "rotorquant/random.hpp"
 #include "rotorquant/rotation.hpp"
@@ -298,22 +300,38 @@ TEST(mixing_balance_bound_for_every_issue_dim) {
 
 // apply() follows the canonical arithmetic bit-exactly (an independent scalar implementation).
 TEST(forward_arithmetic_is_canonical) {
-  for (std::int64_t dim : {2, 7, 13, 63, 64, 80, 96, 112, 130, 160, 576}) {
-    const Rotation rotation(RotationKind::kRotorNetwork, dim, 99);
-    const std::int64_t p = rotation.padded_dim(), n = 9;
-    std::vector<float> x(static_cast<std::size_t>(n * dim));
-    const auto stream = rotorquant::make_stream(dim, RandomPurpose::kTest, 1);
-    for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(stream.gaussian_at(i));
-    std::vector<float> y(static_cast<std::size_t>(n * p));
-    rotation.apply(x.data(), y.data(), n);
-    int mismatches = 0;
-    for (std::int64_t r = 0; r < n; ++r) {
-      const std::vector<float> ref = spec_forward(rotation.parameters(), dim, p, &x[r * dim]);
-      for (std::int64_t i = 0; i < p; ++i) mismatches += (ref[i] != y[r * p + i]) ? 1 : 0;
+  // Every CPU kernel build this machine runs (portable, AVX2, AVX-512), bit for bit (memcmp: signed zeros too).
+  // The sizes cover the paths of the kernels: butterfly segments of 1..256 values (in registers or in memory,
+  // full or zero padded), odd stages of stride 1..192 (vector bodies and scalar tails), and p with no
+  // butterflies (a = 0).
+  using rotorquant::detail::KernelIsa;
+  const KernelIsa saved = rotorquant::detail::kernel_isa();
+  for (KernelIsa isa : {KernelIsa::kPortable, KernelIsa::kAvx2, KernelIsa::kAvx512}) {
+    if (!rotorquant::detail::kernel_isa_supported(isa)) continue;
+    rotorquant::detail::set_kernel_isa(isa);
+    for (std::int64_t dim : {1, 2, 3, 5, 7, 13, 20, 24, 45, 48, 63, 64, 80, 96, 97, 112, 130, 135, 160, 176, 192, 250,
+                             256, 384, 576, 1000}) {
+      const Rotation rotation(RotationKind::kRotorNetwork, dim, 99);
+      const std::int64_t p = rotation.padded_dim(), n = 9;
+      std::vector<float> x(static_cast<std::size_t>(n * dim));
+      const auto stream = rotorquant::make_stream(dim, RandomPurpose::kTest, 1);
+      for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(stream.gaussian_at(i));
+      x[0] = 0.0f;  // a zero input (signed zeros through the stages)
+      std::vector<float> y(static_cast<std::size_t>(n * p));
+      rotation.apply(x.data(), y.data(), n);
+      int mismatches = 0;
+      for (std::int64_t r = 0; r < n; ++r) {
+        const std::vector<float> ref = spec_forward(rotation.parameters(), dim, p, &x[r * dim]);
+        for (std::int64_t i = 0; i < p; ++i) mismatches += std::memcmp(&ref[i], &y[r * p + i], 4) != 0 ? 1 : 0;
+      }
+      if (mismatches) {
+        std::fprintf(stderr, "%s dim %lld: %d mismatches\n", rotorquant::detail::kernel_isa_name(isa),
+                     static_cast<long long>(dim), mismatches);
+      }
+      CHECK(mismatches == 0);
     }
-    if (mismatches) std::fprintf(stderr, "dim %lld: %d mismatches\n", static_cast<long long>(dim), mismatches);
-    CHECK(mismatches == 0);
   }
+  rotorquant::detail::set_kernel_isa(saved);
 }
 
 // Pins the generator and the layout across platforms.

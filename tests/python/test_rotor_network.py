@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rotorquant as rq
-from rotorquant.data import load_kv_sample
+from rotorquant.data import load_kv_sample, outlier_keys
 
 ISSUE_DIMS = [64, 80, 96, 112, 128, 160, 192, 256]
 # p * M_ij^2 range of one block stage, [r min B_r^2, r max B_r^2] (docs/rotor_network.md, section 3).
@@ -104,17 +104,25 @@ def test_mse_matches_lloyd_max_total_without_padding(dim, bits):
     assert abs(err / total - 1) < 0.02, (err, total)
 
 
-def outlier_keys(dim, n, seed):
-    """Anisotropic keys: per-channel scales exp(U(-0.5, 0.5)), max(2, dim/32) outlier channels scaled by
-    U(10, 20) with a mean offset of half their scale (as benchmarks/bench_rotor_network.py)."""
-    rng = np.random.default_rng(seed)
+def test_outlier_keys_generator():
+    """rotorquant.data.outlier_keys (shared by this file and benchmarks/bench_rotor_network.py): float32, seeded,
+    drawn in row blocks that give exactly one standard_normal((n, dim)) draw, and max(2, dim // 32) channels whose
+    RMS is 10-20x their scale (> 5x the median channel RMS; the other channels' scales are within e^+-0.5)."""
+    dim, n, seed = 1024, 4200, 11  # 4096-row blocks at dim 1024: two blocks
+    x = outlier_keys(dim, n, seed)
+    assert x.dtype == np.float32 and x.shape == (n, dim)
+    rng = np.random.default_rng(seed)  # the documented recipe in one draw
     scale = np.exp(rng.uniform(-0.5, 0.5, dim))
     count = max(2, dim // 32)
     channels = rng.choice(dim, count, replace=False)
     scale[channels] *= rng.uniform(10, 20, count)
     mean = np.zeros(dim)
     mean[channels] = 0.5 * scale[channels] * rng.choice([-1.0, 1.0], count)
-    return (mean + scale * rng.standard_normal((n, dim))).astype(np.float32)
+    np.testing.assert_array_equal(x, (mean + scale * rng.standard_normal((n, dim))).astype(np.float32))
+    np.testing.assert_array_equal(outlier_keys(dim, 10, seed), x[:10])
+    for d in (64, 96, 1024):
+        rms = np.sqrt((outlier_keys(d, 3000, d).astype(np.float64) ** 2).mean(axis=0))
+        assert (rms > 5 * np.median(rms)).sum() == max(2, d // 32)
 
 
 def relative_mse(kind, x, bits=3, seed=0):

@@ -1,7 +1,7 @@
 // Internal CPU kernels of the encode / decode / inner-product paths (not a public API).
 //
 // Every kernel exists in up to three builds of one source (cpp/src/simd_kernels_impl.hpp):
-// portable C++ (any CPU, std::fma), AVX2+FMA and AVX-512 (F/BW/VL), the latter two compiled with
+// portable C++ (any CPU, std::fma), AVX2+FMA and AVX-512 (F/BW/VL, with BMI2), the latter two compiled with
 // per-function target attributes only (the library itself is built for baseline x86-64) and chosen
 // at run time from what the CPU supports. All builds give bit-identical results for the kernels
 // marked "canonical": they follow docs/format.md, "Canonical encode arithmetic". Defining
@@ -16,6 +16,8 @@
 
 namespace rotorquant {
 namespace detail {
+
+struct RotorNetworkPlan;  // detail/rotor_network.hpp
 
 enum class KernelIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -49,13 +51,26 @@ struct Kernels {
   // x = (s .* H y / sqrt(p))[:dim]; scratch holds p floats.
   void (*hadamard_inverse)(const float* signs, std::int64_t dim, std::int64_t p, const float* in, float* out,
                            std::int64_t rows, float* scratch);
-  // canonical: norms[r] = sqrt(sum (double)x^2) (any order), unit[r*unit_stride + j] = (float)((double)x_j / norm),
-  // zeros when the norm is 0.
+  // canonical: the rotor_network forward map (detail/rotor_network.hpp, docs/rotor_network.md section 5) of rows
+  // of dim floats into rows of plan.padded_dim floats.
+  void (*rotor_network_apply)(const RotorNetworkPlan& plan, const float* parameters, std::int64_t dim,
+                              const float* in, float* out, std::int64_t rows);
+  // canonical: norms[r] = sqrt(sum (double)x^2) (the order of simd_kernels_impl.hpp, the same in every build),
+  // unit[r*unit_stride + j] = (float)((double)x_j / norm), zeros when the norm is 0. A row with a NaN or Inf gets
+  // a NaN or Inf norm (the sum of squares of finite floats cannot overflow a double) and unspecified unit values.
+  // next (may be nullptr): next_rows rows of dim floats that the caller processes after these; their cache
+  // lines are prefetched meanwhile (a hint: no effect on any result, never dereferenced).
   void (*normalize)(const float* x, std::int64_t dim, std::int64_t rows, double* norms, float* unit,
-                    std::int64_t unit_stride);
+                    std::int64_t unit_stride, const float* next, std::int64_t next_rows);
   // canonical: idx[j] = number of boundaries b_k with y[j] >= b_k (boundaries strictly ascending, <= 255 of them).
   void (*quantize)(const float* y, std::int64_t count, const float* boundaries, int num_boundaries,
                    std::uint8_t* idx);
+  // canonical: quantize then pack_indices, row by row: rows of p values in y, the packed planes of row r at
+  // out + r * out_stride (layout = plane_layout(p, bits) with num_boundaries = 2^bits - 1). idx_scratch holds
+  // rows * p bytes (used by the builds that go through the index bytes; its contents are unspecified after).
+  void (*quantize_pack)(const float* y, std::int64_t p, std::int64_t rows, const float* boundaries,
+                        int num_boundaries, const PlaneLayout& layout, std::uint8_t* idx_scratch, std::uint8_t* out,
+                        std::int64_t out_stride);
   // out[j] = table[idx[j]] * scale (idx[j] < table_size <= 256; not canonical).
   void (*lookup)(const std::uint8_t* idx, std::int64_t count, const float* table, int table_size, float scale,
                  float* out);

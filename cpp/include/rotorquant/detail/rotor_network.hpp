@@ -57,10 +57,8 @@ RotorNetworkPlan rotor_network_plan(std::int64_t padded_dim);
 // parameters() of a rotor_network rotation of padded size p built from seed.
 std::vector<float> rotor_network_parameters(std::int64_t padded_dim, std::uint64_t seed);
 
-// rows x (out (p floats) = M pad(in)): in (rows, dim), out (rows, p), serial (callers split rows
-// over threads). Canonical arithmetic (docs/rotor_network.md).
-void rotor_network_apply(const RotorNetworkPlan& plan, const float* parameters, std::int64_t dim,
-                         const float* in, float* out, std::int64_t rows);
+// The forward map rows x (out (p floats) = M pad(in)) with the canonical arithmetic
+// (docs/rotor_network.md section 5) is a CPU kernel: detail::kernels().rotor_network_apply (kernels.hpp).
 // rows x (out (dim floats) = (M^T in)[:dim]): in (rows, p), out (rows, dim), serial.
 void rotor_network_inverse(const RotorNetworkPlan& plan, const float* parameters, std::int64_t dim,
                            const float* in, float* out, std::int64_t rows);
