@@ -101,6 +101,53 @@ __device__ __forceinline__ void store_from_float(void* base, int dtype, std::int
   }
 }
 
+// ---- rotations of one row held by a warp (coordinates j = 32 c + lane) -----------------------------
+
+// Applies one head's rotation data to v. Forward (prepare: the key rotation of a query): hadamard signs, butterflies,
+// scale; dense y_i = sum_k M[i][k] v_k from M^T; planar / quat y_g = B_g v_g. Inverse (combine: the value rotation
+// of an accumulator): butterflies, scale, signs; dense x_j = sum_i M[i][j] y_i from M; blocks x_g = B_g^T y_g.
+// Both dense products read rows of the uploaded matrix (M^T for keys, M for values): out_j = sum_k data[k][j] v_k.
+template <int P, bool kInverse>
+__device__ __forceinline__ void warp_rotate_row(const KernelArgs& a, const float* rotation, float* row_buffer,
+                                                float (&v)[P / 32], int lane) {
+  constexpr int CP = P / 32;
+  if (a.kind == kHadamard) {
+    if (!kInverse) {
+#pragma unroll
+      for (int c = 0; c < CP; ++c) v[c] *= rotation[32 * c + lane];
+    }
+    codec::warp_fwht<CP>(v, P, lane);
+#pragma unroll
+    for (int c = 0; c < CP; ++c) v[c] *= kInverse ? a.hadamard_scale * rotation[32 * c + lane] : a.hadamard_scale;
+    return;
+  }
+  if (a.kind == kIdentity) return;
+#pragma unroll
+  for (int c = 0; c < CP; ++c) row_buffer[32 * c + lane] = v[c];
+  __syncwarp();
+  if (a.kind == kDense) {
+#pragma unroll
+    for (int c = 0; c < CP; ++c) v[c] = 0.0f;
+    for (int k = 0; k < P; ++k) {
+      const float x = row_buffer[k];
+#pragma unroll
+      for (int c = 0; c < CP; ++c) v[c] = fmaf(__ldg(rotation + k * P + 32 * c + lane), x, v[c]);
+    }
+  } else {  // planar / quat: k x k blocks, row-major
+    const int K = a.kind == kPlanar ? 2 : 4;
+#pragma unroll
+    for (int c = 0; c < CP; ++c) {
+      const int i = 32 * c + lane, g = i / K, ii = i - g * K;
+      const float* block = rotation + g * K * K;
+      float acc = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        acc = fmaf(__ldg(block + (kInverse ? k * K + ii : ii * K + k)), row_buffer[g * K + k], acc);
+      }
+      v[c] = acc;
+    }
+  }
+}
+
 // ---- prepare ------------------------------------------------------------------------------------
 
 template <int P>
@@ -119,37 +166,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) prepare_queries_kernel(KernelA
     a.q_raw[row * P + j] = q[c] * a.scale_log2;
     if (a.key_scales) q[c] *= a.key_scales[h * P + j];
   }
-  const float* rotation = a.key_rotation + h * a.key_rotation_floats;
-  float* row_buffer = buffer[warp];
-  if (a.kind == kHadamard) {
-#pragma unroll
-    for (int c = 0; c < CP; ++c) q[c] *= rotation[32 * c + lane];
-    codec::warp_fwht<CP>(q, P, lane);
-#pragma unroll
-    for (int c = 0; c < CP; ++c) q[c] *= a.hadamard_scale;
-  } else if (a.kind != kIdentity) {
-#pragma unroll
-    for (int c = 0; c < CP; ++c) row_buffer[32 * c + lane] = q[c];
-    __syncwarp();
-    if (a.kind == kDense) {  // y_i = sum_k M[i][k] q_k = sum_k (M^T)[k][i] q_k
-#pragma unroll
-      for (int c = 0; c < CP; ++c) q[c] = 0.0f;
-      for (int k = 0; k < P; ++k) {
-        const float v = row_buffer[k];
-#pragma unroll
-        for (int c = 0; c < CP; ++c) q[c] = fmaf(__ldg(rotation + k * P + 32 * c + lane), v, q[c]);
-      }
-    } else {  // planar / quat: y = B_g v_g per group
-      const int K = a.kind == kPlanar ? 2 : 4;
-#pragma unroll
-      for (int c = 0; c < CP; ++c) {
-        const int i = 32 * c + lane, g = i / K, ii = i - g * K;
-        float acc = 0.0f;
-        for (int jj = 0; jj < K; ++jj) acc = fmaf(__ldg(rotation + g * K * K + ii * K + jj), row_buffer[g * K + jj], acc);
-        q[c] = acc;
-      }
-    }
-  }
+  warp_rotate_row<P, false>(a, a.key_rotation + h * a.key_rotation_floats, buffer[warp], q, lane);
 #pragma unroll
   for (int c = 0; c < CP; ++c) a.q_rot[row * P + 32 * c + lane] = q[c] * a.scale_log2;
 }
@@ -499,35 +516,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) combine_kernel(KernelArgs a) {
     }
   }
   // Inverse value rotation of the code part (x = Pi_v^T y).
-  const float* rotation = a.value_rotation + h * a.value_rotation_floats;
-  float* row_buffer = buffer[warp];
-  if (a.kind == kHadamard) {
-    codec::warp_fwht<CP>(rotated, P, lane);
-#pragma unroll
-    for (int c = 0; c < CP; ++c) rotated[c] *= a.hadamard_scale * rotation[32 * c + lane];
-  } else if (a.kind != kIdentity) {
-#pragma unroll
-    for (int c = 0; c < CP; ++c) row_buffer[32 * c + lane] = rotated[c];
-    __syncwarp();
-    if (a.kind == kDense) {  // x_j = sum_i M[i][j] y_i
-#pragma unroll
-      for (int c = 0; c < CP; ++c) rotated[c] = 0.0f;
-      for (int i = 0; i < P; ++i) {
-        const float v = row_buffer[i];
-#pragma unroll
-        for (int c = 0; c < CP; ++c) rotated[c] = fmaf(__ldg(rotation + i * P + 32 * c + lane), v, rotated[c]);
-      }
-    } else {  // planar / quat: x_g = B_g^T y_g
-      const int K = a.kind == kPlanar ? 2 : 4;
-#pragma unroll
-      for (int c = 0; c < CP; ++c) {
-        const int j = 32 * c + lane, g = j / K, jj = j - g * K;
-        float acc = 0.0f;
-        for (int ii = 0; ii < K; ++ii) acc = fmaf(__ldg(rotation + g * K * K + ii * K + jj), row_buffer[g * K + ii], acc);
-        rotated[c] = acc;
-      }
-    }
-  }
+  warp_rotate_row<P, true>(a, a.value_rotation + h * a.value_rotation_floats, buffer[warp], rotated, lane);
   const float inverse_sum = 1.0f / sum;
 #pragma unroll
   for (int c = 0; c < CP; ++c) {

@@ -452,19 +452,7 @@ class KVCache:
         if self._state is not None:
             return self._attend_on_device(layer, queries, scale, causal, mask, what)
         q, source = _to_host_float32(queries, "queries", what)
-        self._check_4d(q, "queries", what, None)
-        if q.shape[1] % self.num_kv_heads != 0:
-            raise ValueError(f"{what}: expected q_heads a multiple of num_kv_heads = {self.num_kv_heads}, "
-                             f"got q_heads = {q.shape[1]}")
-        if self.batch_size and q.shape[0] != self.batch_size:
-            raise ValueError(f"{what}: expected queries of batch size {self.batch_size} (the cache's), got {q.shape[0]}")
-        if scale is None:
-            scale = 0.0
-        elif not isinstance(scale, (int, float, np.integer, np.floating)) or isinstance(scale, bool) or not (
-                np.isfinite(scale) and scale > 0):
-            raise ValueError(f"{what}: expected scale a finite float > 0 (or None), got {scale!r}")
-        if not isinstance(causal, (bool, np.bool_)):
-            raise TypeError(f"{what}: expected causal a bool, got {type(causal).__name__}")
+        scale = self._check_attend_arguments(q.shape, scale, causal, what)
         mask_array = None
         if mask is not None:
             mask_array = self._mask(mask, q.shape[0], q.shape[2], self.seq_length(layer), what)
