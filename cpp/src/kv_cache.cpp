@@ -826,28 +826,30 @@ void KVCache::reset() {
   for (auto& l : layers_) l = std::make_unique<Layer>();
 }
 
+namespace {
+
+// Head `kv_head`'s head_dim floats of a per-(layer, head) statistic (empty when the statistic is not in use).
+std::vector<float> head_slice(const std::vector<float>& all, std::int64_t kv_head, std::int64_t head_dim) {
+  if (all.empty()) return {};
+  const auto first = all.begin() + kv_head * head_dim;
+  return std::vector<float>(first, first + head_dim);
+}
+
+}  // namespace
+
 std::vector<float> KVCache::key_mean(std::int64_t layer, std::int64_t kv_head) const {
   key_quantizer(layer, kv_head);  // validates
-  const Layer& l = *layers_[static_cast<std::size_t>(layer)];
-  if (l.key_mean.empty()) return {};
-  const auto first = l.key_mean.begin() + kv_head * params_.head_dim;
-  return std::vector<float>(first, first + params_.head_dim);
+  return head_slice(layers_[static_cast<std::size_t>(layer)]->key_mean, kv_head, params_.head_dim);
 }
 
 std::vector<float> KVCache::value_mean(std::int64_t layer, std::int64_t kv_head) const {
   key_quantizer(layer, kv_head);
-  const Layer& l = *layers_[static_cast<std::size_t>(layer)];
-  if (l.value_mean.empty()) return {};
-  const auto first = l.value_mean.begin() + kv_head * params_.head_dim;
-  return std::vector<float>(first, first + params_.head_dim);
+  return head_slice(layers_[static_cast<std::size_t>(layer)]->value_mean, kv_head, params_.head_dim);
 }
 
 std::vector<float> KVCache::key_scale(std::int64_t layer, std::int64_t kv_head) const {
   key_quantizer(layer, kv_head);
-  const Layer& l = *layers_[static_cast<std::size_t>(layer)];
-  if (l.key_scale.empty()) return {};
-  const auto first = l.key_scale.begin() + kv_head * params_.head_dim;
-  return std::vector<float>(first, first + params_.head_dim);
+  return head_slice(layers_[static_cast<std::size_t>(layer)]->key_scale, kv_head, params_.head_dim);
 }
 
 }  // namespace rotorquant

@@ -158,7 +158,6 @@ DeviceDecodeAttention::DeviceDecodeAttention(const std::vector<const Quantizer*>
   hadamard_scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(dim_)));
 
   // Per-head rotation data: what prepare (keys, forward) and combine (values, inverse) read.
-  const std::int64_t p = dim_;
   auto rotation_data = [&](const Rotation& rotation, bool forward) -> std::vector<float> {
     switch (rotation.kind()) {
       case RotationKind::kHadamard:
@@ -187,7 +186,6 @@ DeviceDecodeAttention::DeviceDecodeAttention(const std::vector<const Quantizer*>
     key_data.insert(key_data.end(), k.begin(), k.end());
     value_data.insert(value_data.end(), v.begin(), v.end());
   }
-  (void)p;
   std::vector<float> table(2 * attention::kTableSize, 0.0f);
   const std::vector<float>& kc = key_quantizers[0]->codebook()->centroids_f32();
   const std::vector<float>& vc = value_quantizers[0]->codebook()->centroids_f32();

@@ -73,12 +73,11 @@ class DecodeAttention:
     @staticmethod
     def unsupported_reason(key_params: Dict[str, Any], value_params: Dict[str, Any]) -> Optional[str]:
         """None when the fused kernels support this pair of quantizer parameter dicts, else why not."""
-        for name, params in (("key", key_params), ("value", value_params)):
-            if params.get("dim") != key_params.get("dim"):
-                return "keys and values have different dims"
-            for field in ("rotation", "mode", "norm_dtype"):
-                if params.get(field) != key_params.get(field):
-                    return f"keys and values differ in {field}"
+        if value_params.get("dim") != key_params.get("dim"):
+            return "keys and values have different dims"
+        for field in ("rotation", "mode", "norm_dtype"):
+            if value_params.get(field) != key_params.get(field):
+                return f"keys and values differ in {field}"
         reason = _core.decode_attention_unsupported_reason(int(key_params["dim"]), int(key_params["bits"]),
                                                            int(value_params["bits"]), key_params["rotation"],
                                                            key_params["mode"], key_params["norm_dtype"])

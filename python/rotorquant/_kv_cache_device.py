@@ -206,9 +206,6 @@ class DeviceKVState:
         return out
 
     # -- description ---------------------------------------------------------------------------
-    def _layer(self, layer: int) -> Optional[_Layer]:
-        return self.layers[layer]
-
     def seq_length(self, layer: int) -> int:
         state = self.layers[layer]
         return 0 if state is None else state.seq_length
