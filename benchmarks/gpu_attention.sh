@@ -51,11 +51,24 @@ if [ -n "${PROFILE:-}" ]; then
   NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
   if [ -n "$NCU" ]; then
     timeout "${PROFILE_TIMEOUT:-120}" "$NCU" --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section WarpStateStats --section MemoryWorkloadAnalysis -k regex:"split_kernel" -c 4 \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      --section InstructionStats -k regex:"split" -c 4 \
       python3 /tmp/rq_attention_small.py 32 8192 > "$OUT/ncu_attention.txt" 2>&1
     note "ncu exit: $?"
   else
     note "ncu not found"
+  fi
+fi
+
+if [ -n "${SASS:-}" ]; then  # opcode histogram of one tensor-core split kernel (<128, 3, 3>)
+  CUOBJDUMP="$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null || true)"
+  LIB="$(python3 -c 'import rotorquant._core as c; print(c.__file__)')"
+  if [ -n "$CUOBJDUMP" ]; then
+    "$CUOBJDUMP" -sass -fun '_ZN10rotorquant4cuda9attention16split_mma_kernelILi128ELi3ELi3EEEvNS1_10KernelArgsE' "$LIB" \
+      > "$OUT/sass_mma_128_3_3.txt" 2>&1
+    grep -oE '^ +/\*[0-9a-f]+\*/ +[A-Z0-9_.]+' "$OUT/sass_mma_128_3_3.txt" | awk '{print $2}' | sed 's/\..*//' \
+      | sort | uniq -c | sort -rn > "$OUT/sass_histogram.txt"
+    note "sass: $(wc -l < "$OUT/sass_mma_128_3_3.txt") lines"
   fi
 fi
 

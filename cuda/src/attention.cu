@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "attention_kernels.cuh"
+#include "attention_mma.cuh"
 #include "check.cuh"
 #include "rotorquant/cuda/attention.hpp"
 #include "rotorquant/decode_attention.hpp"
@@ -62,9 +63,22 @@ WorkspaceLayout workspace_layout(std::int64_t rows, std::int64_t dim, std::int64
 
 // ---- dispatch: P x heads per block x key bits x value bits ---------------------------------------
 
+// float16 / bfloat16 queries: the code splits on tensor cores (attention_mma.cuh) and, when there is a full-precision
+// window, its slot (split == num_splits) on the SIMT kernel in a second launch; float32 queries: the SIMT kernel for
+// every slot (its float32 products keep the 1e-4 contract of float32 outputs).
 template <int P, int G, int KB, int VB>
 void launch_split(const attention::KernelArgs& a, dim3 grid, cudaStream_t stream) {
-  attention::split_kernel<P, G, KB, VB><<<grid, attention::kSplitWarps * 32, 0, stream>>>(a);
+  if (a.queries_dtype == attention::kF32) {
+    attention::split_kernel<P, G, KB, VB><<<grid, attention::kSplitWarps * 32, 0, stream>>>(a);
+    return;
+  }
+  attention::split_mma_kernel<P, KB, VB>
+      <<<dim3(grid.x - 1, grid.y, grid.z), attention::kSplitWarps * 32, 0, stream>>>(a);
+  if (a.fp_lengths) {
+    attention::KernelArgs window = a;
+    window.split_offset = a.num_splits;
+    attention::split_kernel<P, G, KB, VB><<<dim3(1, grid.y, grid.z), attention::kSplitWarps * 32, 0, stream>>>(window);
+  }
 }
 
 template <int P, int G, int KB>
@@ -323,6 +337,8 @@ void DeviceDecodeAttention::run(const DecodeAttentionArgs& args, void* stream) c
   a.kv_heads = static_cast<int>(heads_);
   a.group = static_cast<int>(group);
   a.head_chunks = static_cast<int>((group + heads - 1) / heads);
+  a.chunk_heads = heads;
+  a.split_offset = 0;
   a.num_splits = static_cast<int>(splits);
   {
     // tokens per split: a multiple of one block iteration (kSplitWarps warps x 32 tokens at most)

@@ -42,6 +42,8 @@ constexpr int kF32 = 0, kF16 = 1, kBF16 = 2;
 struct KernelArgs {
   int batch, q_heads, kv_heads, group, head_chunks;
   int num_splits, tokens_per_split;
+  int split_offset;  // split = blockIdx.x + split_offset (the full-precision-only launch of the tensor-core path)
+  int chunk_heads;   // query heads per head chunk (heads_per_block)
   const void* queries;
   int queries_dtype;
   void* out;
@@ -260,6 +262,37 @@ __device__ __forceinline__ void softmax_update(float (&sc)[S][G], float (&m)[G],
   }
 }
 
+// The block's warps hold one online-softmax state each per query head (m, l in shared_m / shared_l, the
+// accumulator in shared_acc, all G heads of the chunk): merges them and writes the block's (max, sum, accumulator)
+// of query heads hq0 .. hq0 + nh - 1 into workspace slot `split`. Called after a __syncthreads().
+template <int P, int G>
+__device__ __forceinline__ void write_block_partials(const KernelArgs& a, const float (*shared_m)[G],
+                                                     const float (*shared_l)[G], const float (*shared_acc)[G][P],
+                                                     int b, int hq0, int nh, int split) {
+  const int slots = a.num_splits + 1;
+  for (int e = threadIdx.x; e < nh * P; e += blockDim.x) {
+    const int hh = e / P, j = e - hh * P;
+    float block_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kSplitWarps; ++w) block_max = fmaxf(block_max, shared_m[w][hh]);
+    float value = 0.0f, sum = 0.0f;
+    if (block_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kSplitWarps; ++w) {
+        const float weight = fast_exp2(shared_m[w][hh] - block_max);
+        value = fmaf(weight, shared_acc[w][hh][j], value);
+        sum = fmaf(weight, shared_l[w][hh], sum);
+      }
+    }
+    const std::int64_t slot = (static_cast<std::int64_t>(b) * a.q_heads + hq0 + hh) * slots + split;
+    a.partial_acc[slot * P + j] = value;
+    if (j == 0) {
+      a.partial_ml[2 * slot] = block_max;
+      a.partial_ml[2 * slot + 1] = sum;
+    }
+  }
+}
+
 // Coordinates per lane and the occupancy the register budget aims at: G query heads cost 2 G C registers
 // (queries and accumulators). Measured on H100 (B = 32, 32K, G = 4): C = 16 at 2 blocks per SM (254 registers)
 // ran 10-15% faster than C = 8 at 4 blocks per SM (128 registers), whose wider lane groups need more shuffles.
@@ -287,7 +320,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, SplitShape<G>::kMinBlocks) s
   const int group_slot = lane / L, li = lane - group_slot * L;
   const int b = blockIdx.z;
   const int h = blockIdx.y / a.head_chunks, chunk = blockIdx.y - h * a.head_chunks;
-  const int split = blockIdx.x;
+  const int split = blockIdx.x + a.split_offset;
   const int hq0 = h * a.group + chunk * G;
   const int nh = min(G, a.group - chunk * G);
   const bool full_precision = split == a.num_splits;
@@ -448,28 +481,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, SplitShape<G>::kMinBlocks) s
       for (int c = 0; c < C; ++c) shared_acc[warp][hh][li * C + c] = acc[hh][c];
   }
   __syncthreads();
-  const int slots = a.num_splits + 1;
-  for (int e = threadIdx.x; e < nh * P; e += blockDim.x) {
-    const int hh = e / P, j = e - hh * P;
-    float block_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kSplitWarps; ++w) block_max = fmaxf(block_max, shared_m[w][hh]);
-    float value = 0.0f, sum = 0.0f;
-    if (block_max != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kSplitWarps; ++w) {
-        const float weight = fast_exp2(shared_m[w][hh] - block_max);
-        value = fmaf(weight, shared_acc[w][hh][j], value);
-        sum = fmaf(weight, shared_l[w][hh], sum);
-      }
-    }
-    const std::int64_t slot = (static_cast<std::int64_t>(b) * a.q_heads + hq0 + hh) * slots + split;
-    a.partial_acc[slot * P + j] = value;
-    if (j == 0) {
-      a.partial_ml[2 * slot] = block_max;
-      a.partial_ml[2 * slot + 1] = sum;
-    }
-  }
+  write_block_partials<P, G>(a, shared_m, shared_l, shared_acc, b, hq0, nh, split);
 }
 
 // ---- combine ------------------------------------------------------------------------------------

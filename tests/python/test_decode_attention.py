@@ -2,7 +2,8 @@
 
 The codes handed to the kernel are made independently of the cache by the per-head quantizers with the cache's
 seeds, from the tokens the cache quantized (centered, divided by the key scales, as docs/kv_cache.md says), so a
-match also checks the layout contract. Tolerances: float32 output 1e-4 of the output's max magnitude (accumulation
+match also checks the layout contract. The tests of shapes, layouts and options run with float32 queries (the SIMT
+kernel) and float16 queries (the tensor-core kernel). Tolerances: float32 output 1e-4 of the output's max magnitude (accumulation
 order, exp2 approximation), float16 1e-3, bfloat16 8e-3 (its rounding unit is 2^-8).
 """
 import numpy as np
@@ -12,6 +13,9 @@ import rotorquant as rq
 from rotorquant import DecodeAttention, KVCache, Quantizer
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 8e-3}
+# float32 queries run the SIMT split kernel, float16 / bfloat16 queries the tensor-core one (docs/attention.md §6):
+# the shape, layout and option tests run both.
+PATHS = ["float32", "float16"]
 
 
 def _params(dim, bits, rotation="hadamard", mode="mse", norm_dtype="float16"):
@@ -72,13 +76,14 @@ class Case:
 
     def __init__(self, batch=2, kv_heads=2, group=4, dim=128, tokens=300, key_bits=4, value_bits=3,
                  rotation="hadamard", window=16, sinks=4, center_values=True, key_channel_scaling=0.5,
-                 norm_dtype="float16", seed=7, real=None):
+                 norm_dtype="float16", seed=7, real=None, value_scale=1.0):
         import torch
         rng = np.random.default_rng(seed)
         self.cache = KVCache(1, kv_heads, dim, key_bits=key_bits, value_bits=value_bits, rotation=rotation,
                              residual_window=window, sink_tokens=sinks, center_values=center_values,
                              key_channel_scaling=key_channel_scaling, norm_dtype=norm_dtype, seed=seed)
         k, v = _keys_values(rng, batch, kv_heads, tokens, dim, real)
+        v = (v * np.float32(value_scale)).astype(np.float32)
         batch = k.shape[0]
         self.batch, self.kv_heads, self.group, self.dim = batch, kv_heads, group, dim
         self.cache.append(0, k, v)
@@ -154,6 +159,7 @@ def _close(out, ref, dtype_name):
     scale = ref.abs().max().item()
     error = (out - ref).abs().max().item()
     assert torch.isfinite(out).all()
+    print(f"error/tolerance {error / (TOLERANCE[dtype_name] * max(scale, 1e-6)):.3f} ({dtype_name})")  # -s shows the margins
     assert error <= TOLERANCE[dtype_name] * max(scale, 1e-6), f"max error {error:.3g} vs max |ref| {scale:.3g}"
 
 
@@ -166,39 +172,43 @@ def _torch_dtype(name):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("group", [1, 3, 4, 7, 8, 9])
-def test_gqa_ratios_match_cpu(group):
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_gqa_ratios_match_cpu(group, qdtype):
     rng = np.random.default_rng(group)
     case = Case(batch=2, kv_heads=2, group=group, tokens=333)
-    q = case.queries(rng, _torch_dtype("float32"))
-    _close(case.run(q), case.reference(q), "float32")
+    q = case.queries(rng, _torch_dtype(qdtype))
+    _close(case.run(q), case.reference(q), qdtype)
 
 
 @pytest.mark.cuda
-def test_mqa_many_query_heads():
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_mqa_many_query_heads(qdtype):
     rng = np.random.default_rng(1)
     case = Case(batch=3, kv_heads=1, group=32, dim=64, tokens=200)
-    q = case.queries(rng, _torch_dtype("float32"))
-    _close(case.run(q), case.reference(q), "float32")
+    q = case.queries(rng, _torch_dtype(qdtype))
+    _close(case.run(q), case.reference(q), qdtype)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dim", [64, 128, 256])
 @pytest.mark.parametrize("key_bits,value_bits", [(4, 4), (4, 3), (3, 3), (2, 2), (2, 4), (3, 2)])
-def test_dims_and_bits_match_cpu(dim, key_bits, value_bits):
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_dims_and_bits_match_cpu(dim, key_bits, value_bits, qdtype):
     rng = np.random.default_rng(dim + 10 * key_bits + value_bits)
     case = Case(batch=2, kv_heads=2, group=4, dim=dim, tokens=260, key_bits=key_bits, value_bits=value_bits)
-    q = case.queries(rng, _torch_dtype("float32"))
-    _close(case.run(q), case.reference(q), "float32")
+    q = case.queries(rng, _torch_dtype(qdtype))
+    _close(case.run(q), case.reference(q), qdtype)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("rotation", ["identity", "dense", "hadamard", "planar", "quat"])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_rotations_match_cpu(rotation, dim):
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_rotations_match_cpu(rotation, dim, qdtype):
     rng = np.random.default_rng(3)
     case = Case(batch=2, kv_heads=2, group=2, dim=dim, tokens=190, rotation=rotation)
-    q = case.queries(rng, _torch_dtype("float32"))
-    _close(case.run(q), case.reference(q), "float32")
+    q = case.queries(rng, _torch_dtype(qdtype))
+    _close(case.run(q), case.reference(q), qdtype)
 
 
 @pytest.mark.cuda
@@ -213,7 +223,8 @@ def test_query_and_output_dtypes(dtype):
     _close(out, case.reference(q), dtype)
     out32 = case.run(q, out_dtype=torch.float32)
     assert out32.dtype == torch.float32
-    _close(out32, case.reference(q), "float32")
+    # float16 / bfloat16 queries take the tensor-core products (fp16 operands): 1e-3 even for a float32 output
+    _close(out32, case.reference(q), "float32" if dtype == "float32" else "float16")
 
 
 @pytest.mark.cuda
@@ -226,27 +237,43 @@ def test_query_and_output_dtypes(dtype):
     (1027, 128, 4),  # codes over several splits
     (4099, 128, 4),
 ])
-def test_lengths_and_edges(tokens, window, sinks):
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_lengths_and_edges(tokens, window, sinks, qdtype):
     rng = np.random.default_rng(tokens)
     case = Case(batch=2, kv_heads=2, group=3, tokens=tokens, window=window, sinks=sinks)
-    q = case.queries(rng, _torch_dtype("float32"))
+    q = case.queries(rng, _torch_dtype(qdtype))
     kwargs = {}
     if case.n_codes == 0:
         kwargs["max_code_length"] = 0
-    _close(case.run(q, **kwargs), case.reference(q), "float32")
+    _close(case.run(q, **kwargs), case.reference(q), qdtype)
 
 
 @pytest.mark.cuda
-def test_options_off_and_float32_norms():
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_options_off_and_float32_norms(qdtype):
     rng = np.random.default_rng(5)
     case = Case(batch=2, kv_heads=2, group=4, tokens=300, center_values=False, key_channel_scaling=0.0,
                 norm_dtype="float32")
-    q = case.queries(rng, _torch_dtype("float32"))
-    _close(case.run(q), case.reference(q), "float32")
+    q = case.queries(rng, _torch_dtype(qdtype))
+    _close(case.run(q), case.reference(q), qdtype)
 
 
 @pytest.mark.cuda
-def test_real_captured_kv_and_cosine_to_exact_attention():
+@pytest.mark.parametrize("value_scale", [1e-6, 1e6])
+def test_tensor_core_path_value_norm_range(value_scale):
+    """The tensor-core kernel folds value norms into fp16 weights with a running power-of-two scale: norms far
+    outside the fp16 range (float32 norms) must neither overflow nor lose precision."""
+    import torch
+    rng = np.random.default_rng(13)
+    case = Case(batch=2, kv_heads=2, group=4, tokens=700, norm_dtype="float32", value_scale=value_scale,
+                center_values=False)
+    q = case.queries(rng, torch.float16)
+    _close(case.run(q, out_dtype=torch.float32), case.reference(q), "float16")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_real_captured_kv_and_cosine_to_exact_attention(qdtype):
     import torch
     from rotorquant.data import load_kv_sample
     sample = load_kv_sample()
@@ -256,9 +283,9 @@ def test_real_captured_kv_and_cosine_to_exact_attention():
         case = Case(kv_heads=k.shape[0], group=q_all.shape[0] // k.shape[0], dim=k.shape[2], tokens=tokens,
                     key_bits=4, value_bits=3, window=32, sinks=4, key_channel_scaling=0.0, center_values=False,
                     real=(k, v))
-        q = torch.from_numpy(np.ascontiguousarray(q_all[:, -1][None])).cuda()  # the last position's queries
+        q = torch.from_numpy(np.ascontiguousarray(q_all[:, -1][None])).to(_torch_dtype(qdtype)).cuda()  # last position
         out = case.run(q)
-        _close(out, case.reference(q), "float32")
+        _close(out, case.reference(q), qdtype)
         # exact attention of the last query over all tokens (float64)
         scores = np.einsum("hd,htd->ht", q_all[:, -1].astype(np.float64),
                            np.repeat(k.astype(np.float64), case.group, axis=0)) / np.sqrt(k.shape[2])
@@ -271,7 +298,8 @@ def test_real_captured_kv_and_cosine_to_exact_attention():
 
 
 @pytest.mark.cuda
-def test_per_sequence_lengths():
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_per_sequence_lengths(qdtype):
     """Sequences of different lengths in one call: each matches its own CPU cache (no centering, so the codes of
     every sequence come from the same quantizers)."""
     import torch
@@ -300,24 +328,25 @@ def test_per_sequence_lengths():
                 norms[b, h, :t] = np.ascontiguousarray(codes.norms).view(np.uint8).reshape(-1, nb)[:t]
         tensors[side] = (torch.from_numpy(indices).cuda(), torch.from_numpy(norms).cuda())
     attention = DecodeAttention(kq, vq)
-    q = torch.from_numpy(rng.standard_normal((batch, 8, 128)).astype(np.float32)).cuda()
+    q = torch.from_numpy(rng.standard_normal((batch, 8, 128)).astype(np.float32)).to(_torch_dtype(qdtype)).cuda()
     lengths_t = torch.tensor(lengths, dtype=torch.int32, device="cuda")
     out = attention(q, *tensors["key"], *tensors["value"], lengths_t).cpu()
     for b, t in enumerate(lengths):
         if t == 0:
             assert torch.all(out[b] == 0)
             continue
-        ref = torch.from_numpy(cases[b].attend(0, q[b:b + 1, :, None].cpu().numpy())[0, :, 0])
-        _close(out[b:b + 1], ref[None], "float32")
+        ref = torch.from_numpy(cases[b].attend(0, q[b:b + 1, :, None].float().cpu().numpy())[0, :, 0])
+        _close(out[b:b + 1], ref[None], qdtype)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("block_size", [16, 64])
-def test_paged_layout_equals_contiguous(block_size):
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_paged_layout_equals_contiguous(block_size, qdtype):
     import torch
     rng = np.random.default_rng(block_size)
     case = Case(batch=3, kv_heads=2, group=4, tokens=700)
-    q = case.queries(rng, _torch_dtype("float32"))
+    q = case.queries(rng, _torch_dtype(qdtype))
     contiguous = case.run(q)
     n = case.n_codes
     blocks_per_seq = (n + block_size - 1) // block_size
@@ -338,26 +367,28 @@ def test_paged_layout_equals_contiguous(block_size):
             paged[f"{side}_{field}"] = pool
     out = case.run(q, block_table=table, max_code_length=n, **paged)
     assert torch.equal(out, contiguous)  # same arithmetic, other addresses
-    _close(out, case.reference(q), "float32")
+    _close(out, case.reference(q), qdtype)
 
 
 @pytest.mark.cuda
-def test_strided_head_major_layout():
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_strided_head_major_layout(qdtype):
     """Codes stored (num_kv_heads, batch, capacity, bytes) and passed as a permuted view."""
     rng = np.random.default_rng(8)
     case = Case(batch=3, kv_heads=2, group=4, tokens=400)
-    q = case.queries(rng, _torch_dtype("float32"))
+    q = case.queries(rng, _torch_dtype(qdtype))
     views = {name: case.tensors[name].permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
              for name in ("key_indices", "key_norms", "value_indices", "value_norms")}
-    _close(case.run(q, **views), case.reference(q), "float32")
+    _close(case.run(q, **views), case.reference(q), qdtype)
 
 
 @pytest.mark.cuda
-def test_masks_match_cpu():
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_masks_match_cpu(qdtype):
     import torch
     rng = np.random.default_rng(9)
     case = Case(batch=2, kv_heads=2, group=4, tokens=600)
-    q = case.queries(rng, _torch_dtype("float32"))
+    q = case.queries(rng, _torch_dtype(qdtype))
     seq = case.cache.seq_length(0)
     mask = rng.random((case.batch, 1, seq)) > 0.3
     mask[1] = False  # row 1 sees nothing: zeros
@@ -365,7 +396,7 @@ def test_masks_match_cpu():
     fp_mask = torch.from_numpy(mask[:, 0, case.fp_positions].copy()).cuda()
     out = case.run(q, code_mask=code_mask, fp_mask=fp_mask)
     ref = case.reference(q, mask=mask)
-    _close(out, ref, "float32")
+    _close(out, ref, qdtype)
     assert torch.all(out[1] == 0)
 
 

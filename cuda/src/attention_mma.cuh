@@ -1,0 +1,492 @@
+// Tensor-core split kernel of the fused decode attention (internal; launched by attention.cu for float16 and
+// bfloat16 queries, docs/attention.md §6).
+//
+// One block of kSplitWarps warps per (split, KV head x head chunk, sequence), as the SIMT split kernel; each warp
+// takes 16-token tiles in turn and runs both products on mma.sync m16n8k16 (fp16 operands, fp32 accumulation):
+//
+//   scores  S (16 x 8)  = Q (16 heads, zero rows beyond the chunk) x K^T (k = 16 coordinates, n = 8 tokens),
+//           two n-tiles (tokens 0-7 and 8-15 of the tile) over P / 16 coordinate steps;
+//   values  O^T (16 x 8) += V^T (16 coordinates x 16 tokens) x P^T (16 tokens x 8 heads), P / 16 coordinate tiles.
+//
+// Lane (g, r) = (lane / 4, lane % 4). The reduction index of the score product may be any permutation of the
+// coordinates (the query fragments use the same one), so lane (g, r) takes the contiguous quarter
+// [r P / 4, (r + 1) P / 4) of token g's key code: step s, k-slots 2r, 2r + 1 <-> coordinates r P / 4 + 4 s + 0, 1 and
+// k-slots 2r + 8, 2r + 9 <-> r P / 4 + 4 s + 2, 3. Its key operand registers are then pairs of adjacent coordinates,
+// read as one field of the bit-plane words from a pair table (half2 entries of two centroids). The score
+// accumulator of lane (g, r) holds head g at tokens 2r, 2r + 1 (and 8 + 2r, 9 + 2r in the second n-tile): exactly
+// the B operand P^T[tokens 2r.., head g] of the value product, so the softmax weights never leave the registers.
+// The value product's output rows are coordinates, again in any order: lane g's rows are the contiguous slice
+// [g P / 8, (g + 1) P / 8), m-tile i row g <-> g P / 8 + 2 i, row g + 8 <-> g P / 8 + 2 i + 1; its A registers pair
+// two tokens at one coordinate, read from the same kind of pair table after the two tokens' plane words are
+// interleaved field by field (two masks and a shift per word).
+//
+// Numerics: queries are scaled per head by a power of two to |q| < 1 and split into an fp16 value (A rows 0-7) and
+// its fp16 remainder (rows 8-15, otherwise padding: the split costs no extra product). Key centroids likewise: a
+// second pair table holds their fp16 remainders, read at the same address plus an offset, and a second product with
+// the same A adds them, so the scores carry ~22-bit operands; they are accumulated in fp32 and multiplied by the key
+// norm and the power of two in fp32. Value centroids and the softmax weights are fp16. Value norms are folded into
+// the weights as p * n_t * 2^-E, with 2^E a running power-of-two bound of the value norms seen (rescaled lazily like
+// the softmax maximum), so the fp16 weights stay <= 2^9 for any norm; the accumulator is multiplied by 2^E at the
+// end. Online softmax as in the SIMT kernel (base 2, lazy rescale by kRescaleThreshold).
+#pragma once
+
+#include "attention_kernels.cuh"
+
+namespace rotorquant {
+namespace cuda {
+namespace attention {
+
+constexpr int kMmaHeads = 8;     // query heads per block: the n of the value product
+constexpr int kTileTokens = 16;  // tokens per warp tile: the k of the value product
+constexpr int kNoScale = -100000;
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                          unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned pack_half2(float low, float high) {
+  const __half2 h = __floats2half2_rn(low, high);
+  return *reinterpret_cast<const unsigned*>(&h);
+}
+
+// 2^e as a float (0 below the float range), exact.
+__device__ __forceinline__ float power_of_two(int e) { return e < -149 ? 0.0f : ldexpf(1.0f, e); }
+
+// The smallest e with 2^e > v for a finite v > 0.
+__device__ __forceinline__ int exponent_bound(float v) {
+  return static_cast<int>((__float_as_uint(v) >> 23) & 0xFFu) - 126;
+}
+
+// Bits [pos, pos + width) of word moved to [dest, dest + width), the rest zero (positions compile-time after unrolling).
+__device__ __forceinline__ unsigned place_field(unsigned word, int pos, int width, int dest) {
+  const unsigned mask = ((1u << width) - 1u) << dest;
+  return (pos >= dest ? (word >> (pos - dest)) : (word << (dest - pos))) & mask;
+}
+
+// Plane geometry of Bits = 2, 3, 4 (docs/format.md §3): plane 0 of width W0 (the index >> 1 at 3 bits), at 3 bits a
+// 1-bit plane 1 (the index & 1) after plane 0's P W0 / 8 bytes.
+template <int Bits>
+struct Planes {
+  static constexpr int W0 = Bits == 3 ? 2 : Bits;
+  static constexpr bool kSecond = Bits == 3;
+  static constexpr int kPairBits = Bits == 3 ? 6 : 2 * Bits;  // pair-table index bits
+};
+
+// The bit-plane words of N consecutive coordinates starting at coordinate `first` (N a multiple of 8): plane 0 in
+// w0[], plane 1 (3 bits) in w1[]; zero when !valid.
+template <int Bytes>
+struct WordCount {
+  static constexpr int value = Bytes <= 4 ? 1 : Bytes / 4;
+};
+
+template <int Bytes>
+__device__ __forceinline__ void load_words(const std::uint8_t* p, unsigned (&w)[WordCount<Bytes>::value]) {
+  if constexpr (Bytes == 1) {
+    w[0] = __ldg(p);
+  } else if constexpr (Bytes == 2) {
+    w[0] = __ldg(reinterpret_cast<const unsigned short*>(p));
+  } else if constexpr (Bytes == 4) {
+    w[0] = __ldg(reinterpret_cast<const unsigned*>(p));
+  } else if constexpr (Bytes == 8) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < Bytes / 16; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      w[4 * i] = v.x;
+      w[4 * i + 1] = v.y;
+      w[4 * i + 2] = v.z;
+      w[4 * i + 3] = v.w;
+    }
+  }
+}
+
+template <int Bits, int P, int N>
+struct CodeSlice {
+  static constexpr int kBytes0 = N * Planes<Bits>::W0 / 8;
+  static constexpr int kBytes1 = Planes<Bits>::kSecond ? N / 8 : 1;
+  unsigned w0[WordCount<kBytes0>::value];
+  unsigned w1[WordCount<kBytes1>::value];
+
+  __device__ __forceinline__ void load(const std::uint8_t* code, int first, bool valid) {
+    if (valid) {
+      load_words<kBytes0>(code + first * Planes<Bits>::W0 / 8, w0);
+      if constexpr (Planes<Bits>::kSecond) load_words<kBytes1>(code + P / 4 + first / 8, w1);
+    } else {
+#pragma unroll
+      for (int i = 0; i < WordCount<kBytes0>::value; ++i) w0[i] = 0u;
+    }
+    if (!Planes<Bits>::kSecond || !valid) {
+#pragma unroll
+      for (int i = 0; i < WordCount<kBytes1>::value; ++i) w1[i] = 0u;
+    }
+  }
+};
+
+// Shared address in the pair table at `table` of the pair field `pair` (the coordinates 2 pair, 2 pair + 1 of plane words laid out
+// like a code slice, or the token-interleaved words of two slices): plane-0 field of 2 W0 bits, plane-1 field of 2.
+template <int Bits, int N0, int N1>
+__device__ __forceinline__ unsigned pair_address(unsigned table, const unsigned (&w0)[N0], const unsigned (&w1)[N1],
+                                                 int pair) {
+  constexpr int W0 = Planes<Bits>::W0;
+  const int bit0 = 2 * W0 * pair;
+  unsigned address = table | place_field(w0[bit0 >> 5], bit0 & 31, 2 * W0, 2);
+  if constexpr (Planes<Bits>::kSecond) {
+    const int bit1 = 2 * pair;
+    address |= place_field(w1[bit1 >> 5], bit1 & 31, 2, 2 + 2 * W0);
+  }
+  return address;
+}
+
+// Pair tables live in one 1024-byte-aligned shared array: key values at byte 0, key remainders at kKeyLowOffset,
+// values at kValueOffset (each <= 256 entries). A table's shared address ORed with a field's byte address is the
+// entry's address (no add), and the key remainder is the same address plus an immediate offset.
+constexpr int kKeyLowOffset = 1024, kValueOffset = 2048, kTableBytes = 3072;
+
+__device__ __forceinline__ unsigned shared_word(unsigned shared_address) {
+  unsigned value;
+  asm("ld.shared.u32 %0, [%1];" : "=r"(value) : "r"(shared_address));
+  return value;
+}
+
+__device__ __forceinline__ unsigned shared_word_key_low(unsigned shared_address) {
+  unsigned value;
+  asm("ld.shared.u32 %0, [%1+1024];" : "=r"(value) : "r"(shared_address));
+  return value;
+}
+
+// Field-wise interleave of the plane words of two tokens a, b (fields of width w): even[] holds, at the field of
+// coordinate c (c even), the pair (a_c, b_c); odd[] the pair (a_{c+1}, b_{c+1}) at the same place.
+template <int W, int N>
+__device__ __forceinline__ void interleave_tokens(const unsigned (&a)[N], const unsigned (&b)[N], unsigned (&even)[N],
+                                                  unsigned (&odd)[N]) {
+  constexpr unsigned M = W == 1 ? 0x55555555u : W == 2 ? 0x33333333u : 0x0F0F0F0Fu;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    even[i] = (a[i] & M) | ((b[i] & M) << W);
+    odd[i] = ((a[i] >> W) & M) | (b[i] & (M << W));
+  }
+}
+
+// Pair table entry t: the fp16 centroids of the two indices of pair field t (low half: the first coordinate / token).
+template <int Bits>
+__device__ __forceinline__ void pair_indices(int t, int& first, int& second) {
+  if (Bits == 3) {
+    first = ((t & 3) << 1) | ((t >> 4) & 1);
+    second = (((t >> 2) & 3) << 1) | ((t >> 5) & 1);
+  } else {
+    first = t & ((1 << Bits) - 1);
+    second = t >> Bits;
+  }
+}
+
+// low = true: the fp16 remainders c - fp16(c) of the two centroids instead.
+template <int Bits>
+__device__ __forceinline__ unsigned pair_table_value(const float* centroids, int t, bool low) {
+  int first, second;
+  pair_indices<Bits>(t, first, second);
+  const float c0 = centroids[first], c1 = centroids[second];
+  if (!low) return pack_half2(c0, c1);
+  return pack_half2(c0 - __half2float(__float2half_rn(c0)), c1 - __half2float(__float2half_rn(c1)));
+}
+
+
+template <int P>
+struct MmaShape {
+  static constexpr int kSteps = P / 16;       // k-steps of the score product = m-tiles of the value product
+  static constexpr int kKeyCoords = P / 4;    // key coordinates per lane (one token)
+  static constexpr int kValueCoords = P / 8;  // value coordinates per lane (four tokens)
+  static constexpr int kMinBlocks = P <= 64 ? 4 : P <= 128 ? 3 : 2;
+};
+
+// One warp tile's loads: key slices of tokens g and 8 + g, value slices and norms of tokens 2r, 2r + 1, 8 + 2r, 9 + 2r.
+template <int P, int KB, int VB>
+struct MmaTile {
+  CodeSlice<KB, P, MmaShape<P>::kKeyCoords> key[2];
+  CodeSlice<VB, P, MmaShape<P>::kValueCoords> value[4];
+  float key_norm[4], value_norm[4];  // value_norm 0 and key_norm -inf for invalid tokens
+
+  static constexpr int kKeyBytes = P * KB / 8, kValueBytes = P * VB / 8;  // index bytes (padded_dim == dim, mse)
+
+  __device__ __forceinline__ void load(const KernelArgs& a, int b, int h, int base, int end, int g, int r) {
+    // A whole tile without a mask whose 16 rows are consecutive (contiguous layout, or pages of >= 16 tokens: a tile
+    // starts at a multiple of 16): one row computation, unpredicated loads. Otherwise token by token.
+    if (base + kTileTokens <= end && !a.code_mask && (!a.block_table || a.block_shift >= 4)) {
+      const std::int64_t row0 = code_row(a, b, h, base);
+      key[0].load(a.key_indices + (row0 + g) * kKeyBytes, r * MmaShape<P>::kKeyCoords, true);
+      key[1].load(a.key_indices + (row0 + 8 + g) * kKeyBytes, r * MmaShape<P>::kKeyCoords, true);
+      const std::int64_t rows[4] = {row0 + 2 * r, row0 + 2 * r + 1, row0 + 8 + 2 * r, row0 + 9 + 2 * r};
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        value[u].load(a.value_indices + rows[u] * kValueBytes, g * MmaShape<P>::kValueCoords, true);
+      }
+      if (a.norm_bytes == 2) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          key_norm[u] = __half2float(__ldg(reinterpret_cast<const __half*>(a.key_norms) + rows[u]));
+          value_norm[u] = __half2float(__ldg(reinterpret_cast<const __half*>(a.value_norms) + rows[u]));
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          key_norm[u] = __ldg(reinterpret_cast<const float*>(a.key_norms) + rows[u]);
+          value_norm[u] = __ldg(reinterpret_cast<const float*>(a.value_norms) + rows[u]);
+        }
+      }
+      return;
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int t = base + 8 * half + g;
+      const bool valid = t < end;
+      const std::int64_t row = valid ? code_row(a, b, h, t) : 0;
+      key[half].load(a.key_indices + row * kKeyBytes, r * MmaShape<P>::kKeyCoords, valid);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int t = base + 2 * r + (u & 1) + 8 * (u >> 1);
+      bool valid = t < end;
+      if (valid && a.code_mask) valid = __ldg(a.code_mask + b * a.code_mask_stride + t) != 0;
+      const std::int64_t row = valid ? code_row(a, b, h, t) : 0;
+      value[u].load(a.value_indices + row * kValueBytes, g * MmaShape<P>::kValueCoords, valid);
+      key_norm[u] = valid ? load_norm(a.key_norms, row, a.norm_bytes) : -INFINITY;
+      value_norm[u] = valid ? load_norm(a.value_norms, row, a.norm_bytes) : 0.0f;
+    }
+  }
+};
+
+// Running state of one warp: softmax maximum of the lane's own head g (m_own, with its partial sum l_own) and of the
+// accumulator's heads 2r, 2r + 1 (m_a, m_b: copies of other lanes' m_own, updated identically), the value-norm
+// exponent E and the accumulator O^T (coordinate rows, head columns).
+template <int P>
+struct MmaState {
+  float m_own, m_a, m_b, l_own;
+  int value_exponent;
+  float inverse_value_scale;
+  float acc[MmaShape<P>::kSteps][4];
+};
+
+template <int P, int KB, int VB>
+__device__ __forceinline__ void mma_tile_step(const MmaTile<P, KB, VB>& tile, const unsigned (&query)[P / 8],
+                                              const unsigned (&query_low)[P / 8], float query_scale,
+                                              unsigned key_table, unsigned value_table, int lane, MmaState<P>& st) {
+  constexpr int S = MmaShape<P>::kSteps;
+  const int r = lane & 3;
+  // scores of head g at tokens 2r, 2r + 1 (n-tile 0) and 8 + 2r, 9 + 2r (n-tile 1)
+  float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const unsigned e00 = pair_address<KB>(key_table, tile.key[0].w0, tile.key[0].w1, 2 * s);
+    const unsigned e01 = pair_address<KB>(key_table, tile.key[0].w0, tile.key[0].w1, 2 * s + 1);
+    const unsigned e10 = pair_address<KB>(key_table, tile.key[1].w0, tile.key[1].w1, 2 * s);
+    const unsigned e11 = pair_address<KB>(key_table, tile.key[1].w0, tile.key[1].w1, 2 * s + 1);
+    // A rows 0-7: the queries' fp16 values, rows 8-15: their fp16 remainders; B: the keys' fp16 centroids, then
+    // their remainders (same A registers). C rows 0-7 + rows 8-15 = (q_hi + q_lo)(k_hi + k_lo) = q k to fp32.
+    const unsigned a0 = query[2 * s], a1 = query_low[2 * s], a2 = query[2 * s + 1], a3 = query_low[2 * s + 1];
+    mma_16816(s0, a0, a1, a2, a3, shared_word(e00), shared_word(e01));
+    mma_16816(s1, a0, a1, a2, a3, shared_word(e10), shared_word(e11));
+    mma_16816(s0, a0, a1, a2, a3, shared_word_key_low(e00), shared_word_key_low(e01));
+    mma_16816(s1, a0, a1, a2, a3, shared_word_key_low(e10), shared_word_key_low(e11));
+  }
+  float sc[4] = {s0[0] + s0[2], s0[1] + s0[3], s1[0] + s1[2], s1[1] + s1[3]};
+#pragma unroll
+  for (int u = 0; u < 4; ++u) sc[u] = tile.key_norm[u] == -INFINITY ? -INFINITY : sc[u] * (tile.key_norm[u] * query_scale);
+
+  // tile maxima: of head g over the quad, then the accumulator heads' from their lanes
+  float tile_max = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
+  tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
+  tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
+  const float max_a = __shfl_sync(kFullMask, tile_max, 8 * r);
+  const float max_b = __shfl_sync(kFullMask, tile_max, 8 * r + 4);
+  float value_max = fmaxf(fmaxf(tile.value_norm[0], tile.value_norm[1]), fmaxf(tile.value_norm[2], tile.value_norm[3]));
+  value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, 1));
+  value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, 2));  // warp-uniform: the tile's 16 tokens
+
+  if (tile_max > st.m_own + kRescaleThreshold) {
+    st.l_own *= fast_exp2(st.m_own - tile_max);  // 0 while m_own is -inf
+    st.m_own = tile_max;
+  }
+  float correction_a = 1.0f, correction_b = 1.0f;
+  if (max_a > st.m_a + kRescaleThreshold) {
+    correction_a = fast_exp2(st.m_a - max_a);
+    st.m_a = max_a;
+  }
+  if (max_b > st.m_b + kRescaleThreshold) {
+    correction_b = fast_exp2(st.m_b - max_b);
+    st.m_b = max_b;
+  }
+  if (value_max > 0.0f) {
+    const int e = exponent_bound(value_max);
+    if (e > st.value_exponent) {  // warp-uniform
+      const float shrink = st.value_exponent == kNoScale ? 0.0f : power_of_two(st.value_exponent - e);
+      correction_a *= shrink;
+      correction_b *= shrink;
+      st.value_exponent = e;
+      st.inverse_value_scale = power_of_two(-e);
+    }
+  }
+  if (__any_sync(kFullMask, correction_a != 1.0f || correction_b != 1.0f)) {
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      st.acc[i][0] *= correction_a;
+      st.acc[i][1] *= correction_b;
+      st.acc[i][2] *= correction_a;
+      st.acc[i][3] *= correction_b;
+    }
+  }
+  float w[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const float p = st.m_own == -INFINITY ? 0.0f : fast_exp2(sc[u] - st.m_own);
+    st.l_own += p;
+    w[u] = p * (tile.value_norm[u] * st.inverse_value_scale);
+  }
+  const unsigned p01 = pack_half2(w[0], w[1]), p23 = pack_half2(w[2], w[3]);
+
+  // value product: A = V^T (rows: this lane's coordinates 2i, 2i + 1 of its slice; k: the tokens)
+  constexpr int W0 = Planes<VB>::W0;
+  constexpr int N0 = WordCount<CodeSlice<VB, P, MmaShape<P>::kValueCoords>::kBytes0>::value;
+  constexpr int N1 = WordCount<CodeSlice<VB, P, MmaShape<P>::kValueCoords>::kBytes1>::value;
+  unsigned even0[2][N0], odd0[2][N0], even1[2][N1], odd1[2][N1];
+#pragma unroll
+  for (int pair = 0; pair < 2; ++pair) {
+    interleave_tokens<W0, N0>(tile.value[2 * pair].w0, tile.value[2 * pair + 1].w0, even0[pair], odd0[pair]);
+    if constexpr (Planes<VB>::kSecond) {
+      interleave_tokens<1, N1>(tile.value[2 * pair].w1, tile.value[2 * pair + 1].w1, even1[pair], odd1[pair]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < N1; ++i) even1[pair][i] = odd1[pair][i] = 0u;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < S; ++i) {
+    // pair field i of the interleaved words = the lane's local coordinate 2 i (even) / 2 i + 1 (odd)
+    const unsigned a0 = shared_word(pair_address<VB>(value_table, even0[0], even1[0], i));
+    const unsigned a1 = shared_word(pair_address<VB>(value_table, odd0[0], odd1[0], i));
+    const unsigned a2 = shared_word(pair_address<VB>(value_table, even0[1], even1[1], i));
+    const unsigned a3 = shared_word(pair_address<VB>(value_table, odd0[1], odd1[1], i));
+    mma_16816(st.acc[i], a0, a1, a2, a3, p01, p23);
+  }
+}
+
+template <int P, int KB, int VB>
+__global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) split_mma_kernel(KernelArgs a) {
+  constexpr int S = MmaShape<P>::kSteps;
+  constexpr int G = kMmaHeads;
+  __shared__ __align__(1024) unsigned pair_tables[kTableBytes / 4];
+  __shared__ float shared_m[kSplitWarps][G], shared_l[kSplitWarps][G];
+  __shared__ __align__(16) float shared_acc[kSplitWarps][G][P];
+
+  for (int t = threadIdx.x; t < (1 << Planes<KB>::kPairBits); t += blockDim.x) {
+    pair_tables[t] = pair_table_value<KB>(a.centroids, t, false);
+    pair_tables[kKeyLowOffset / 4 + t] = pair_table_value<KB>(a.centroids, t, true);
+  }
+  for (int t = threadIdx.x; t < (1 << Planes<VB>::kPairBits); t += blockDim.x) {
+    pair_tables[kValueOffset / 4 + t] = pair_table_value<VB>(a.centroids + kTableSize, t, false);
+  }
+  __syncthreads();
+  const unsigned key_table = static_cast<unsigned>(__cvta_generic_to_shared(pair_tables));
+  const unsigned value_table = key_table + kValueOffset;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, r = lane & 3;
+  const int b = blockIdx.z;
+  const int h = blockIdx.y / a.head_chunks, chunk = blockIdx.y - h * a.head_chunks;
+  const int split = blockIdx.x;
+  const int hq0 = h * a.group + chunk * a.chunk_heads;
+  const int nh = min(a.chunk_heads, a.group - chunk * a.chunk_heads);
+
+  // query fragments of head g (coordinates [r P / 4, (r + 1) P / 4)), scaled by 2^-e to |q| < 1
+  unsigned query[P / 8], query_low[P / 8];
+  float query_scale = 1.0f;
+  {
+    float q[P / 4];
+    const float* row = a.q_rot + (static_cast<std::int64_t>(b) * a.q_heads + hq0 + (g < nh ? g : 0)) * P +
+                       r * (P / 4);
+    float largest = 0.0f;
+#pragma unroll
+    for (int c4 = 0; c4 < P / 16; ++c4) {
+      const float4 v = g < nh ? *reinterpret_cast<const float4*>(row + 4 * c4) : make_float4(0.f, 0.f, 0.f, 0.f);
+      q[4 * c4] = v.x;
+      q[4 * c4 + 1] = v.y;
+      q[4 * c4 + 2] = v.z;
+      q[4 * c4 + 3] = v.w;
+      largest = fmaxf(largest, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    }
+    largest = fmaxf(largest, __shfl_xor_sync(kFullMask, largest, 1));
+    largest = fmaxf(largest, __shfl_xor_sync(kFullMask, largest, 2));
+    float shrink = 1.0f;
+    if (largest > 0.0f) {
+      const int e = exponent_bound(largest);
+      query_scale = power_of_two(e);
+      shrink = power_of_two(-e);
+    }
+#pragma unroll
+    for (int c = 0; c < P / 8; ++c) {
+      const float x0 = q[2 * c] * shrink, x1 = q[2 * c + 1] * shrink;
+      const __half h0 = __float2half_rn(x0), h1 = __float2half_rn(x1);
+      query[c] = pack_half2(__half2float(h0), __half2float(h1));
+      query_low[c] = pack_half2(x0 - __half2float(h0), x1 - __half2float(h1));
+    }
+  }
+
+  MmaState<P> st;
+  st.m_own = st.m_a = st.m_b = -INFINITY;
+  st.l_own = 0.0f;
+  st.value_exponent = kNoScale;
+  st.inverse_value_scale = 0.0f;
+#pragma unroll
+  for (int i = 0; i < S; ++i) st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.0f;
+
+  const int length = a.code_lengths ? min(__ldg(a.code_lengths + b), a.max_code_length) : 0;
+  const int begin = split * a.tokens_per_split;
+  const int end = min(begin + a.tokens_per_split, length);
+  constexpr int kStride = kSplitWarps * kTileTokens;
+  // two tiles in registers: the next tile's loads are in flight while the current one computes
+  MmaTile<P, KB, VB> tile0, tile1;
+  int base = begin + warp * kTileTokens;
+  if (base < end) tile0.load(a, b, h, base, end, g, r);
+  for (; base < end; base += 2 * kStride) {
+    if (base + kStride < end) tile1.load(a, b, h, base + kStride, end, g, r);
+    mma_tile_step<P, KB, VB>(tile0, query, query_low, query_scale, key_table, value_table, lane, st);
+    if (base + kStride >= end) break;
+    if (base + 2 * kStride < end) tile0.load(a, b, h, base + 2 * kStride, end, g, r);
+    mma_tile_step<P, KB, VB>(tile1, query, query_low, query_scale, key_table, value_table, lane, st);
+  }
+
+  // head g's sum over the quad; the accumulator columns (heads 2r, 2r + 1) times 2^E
+  st.l_own += __shfl_xor_sync(kFullMask, st.l_own, 1);
+  st.l_own += __shfl_xor_sync(kFullMask, st.l_own, 2);
+  if (r == 0) {
+    shared_m[warp][g] = st.m_own;
+    shared_l[warp][g] = st.l_own;
+  }
+  const float value_scale = st.value_exponent == kNoScale ? 0.0f : power_of_two(st.value_exponent);
+#pragma unroll
+  for (int i = 0; i < S; ++i) {
+    const int j = g * (P / 8) + 2 * i;
+    shared_acc[warp][2 * r][j] = st.acc[i][0] * value_scale;
+    shared_acc[warp][2 * r + 1][j] = st.acc[i][1] * value_scale;
+    shared_acc[warp][2 * r][j + 1] = st.acc[i][2] * value_scale;
+    shared_acc[warp][2 * r + 1][j + 1] = st.acc[i][3] * value_scale;
+  }
+  __syncthreads();
+  write_block_partials<P, G>(a, shared_m, shared_l, shared_acc, b, hq0, nh, split);
+  if (split == 0 && a.fp_lengths == nullptr) {
+    // no full-precision launch: its slot holds "no token"
+    const int slots = a.num_splits + 1;
+    for (int hh = threadIdx.x; hh < nh; hh += blockDim.x) {
+      const std::int64_t slot = (static_cast<std::int64_t>(b) * a.q_heads + hq0 + hh) * slots + a.num_splits;
+      a.partial_ml[2 * slot] = -INFINITY;
+      a.partial_ml[2 * slot + 1] = 0.0f;
+    }
+  }
+}
+
+}  // namespace attention
+}  // namespace cuda
+}  // namespace rotorquant
