@@ -36,7 +36,7 @@ for kind, bits in (("identity", 2), ("hadamard", 3), ("dense", 3)):
 torch.cuda.synchronize()
 PY
     timeout "${PROFILE_TIMEOUT:-90}" "$NCU" --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section WarpStateStats -k regex:"encode_kernel|decode_kernel" python3 /tmp/rq_codec_profile.py \
+      --section WarpStateStats -k regex:"encode_kernel|encode_fast_kernel|decode_kernel" python3 /tmp/rq_codec_profile.py \
       > "$OUT/ncu.txt" 2>&1
     note "ncu exit: $?"
   else

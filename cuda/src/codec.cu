@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "check.cuh"
+#include "codec_encode_fast.hpp"
 #include "codec_kernels.cuh"
 #include "rotorquant/cuda/codec.hpp"
 #include "rotorquant/cuda/rotation.hpp"
@@ -230,6 +231,7 @@ DeviceQuantizer::DeviceQuantizer(const Quantizer& quantizer, int device)
       table.insert(table.end(), codebook->centroids_f32().begin(), codebook->centroids_f32().end());
       codebook_ = upload(table, context);
       zero_centroid_ = codebook->centroids_f32()[static_cast<std::size_t>(codebook->quantize(0.0f))];
+      boundaries_ = codebook->boundaries_f32();
     }
     if (params_.mode == QuantizerMode::kProd) {
       const std::vector<float>& s = quantizer.qjl_matrix();
@@ -389,7 +391,12 @@ void DeviceQuantizer::encode(const float* x, std::int64_t n, const CodesView& ou
   if (check) lock.lock();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
-  dispatch(params_.rotation, chunks_, x, args, nullptr, OutputDtype::kFloat32, true, multiprocessor_count_, s);
+  // mse mode, bits 2..4, dim 64 / 128 / 256, kinds other than dense: the fast kernel; everything else (and an x
+  // that is not 16-byte aligned) the general one
+  if (!codec::launch_encode_fast(static_cast<int>(params_.rotation), x, args, boundaries_.data(),
+                                 multiprocessor_count_, s)) {
+    dispatch(params_.rotation, chunks_, x, args, nullptr, OutputDtype::kFloat32, true, multiprocessor_count_, s);
+  }
   finish_checks(stream, what.c_str(), check);
 }
 

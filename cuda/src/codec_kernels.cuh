@@ -809,7 +809,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32)
 }
 
 // t[q][i] = sum_j S[i][j] * queries[q][j] (S^T stored p x qjl_columns), one thread per (q, i).
-__global__ void project_queries_kernel(const float* __restrict__ queries, std::int64_t count, int p,
+static __global__ void project_queries_kernel(const float* __restrict__ queries, std::int64_t count, int p,
                                        const float* __restrict__ qjl_transposed, int qjl_columns, int m,
                                        float* __restrict__ projected) {
   const std::int64_t total = count * m;
@@ -825,7 +825,7 @@ __global__ void project_queries_kernel(const float* __restrict__ queries, std::i
 }
 
 // status[0] = min row of `data` (rows x cols) holding a NaN or Inf.
-__global__ void find_nonfinite_rows_kernel(const float* __restrict__ data, std::int64_t rows, std::int64_t cols,
+static __global__ void find_nonfinite_rows_kernel(const float* __restrict__ data, std::int64_t rows, std::int64_t cols,
                                            unsigned long long* status) {
   const std::int64_t total = rows * cols;
   for (std::int64_t item = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; item < total;

@@ -286,6 +286,158 @@ def test_encode_accepts_half_inputs_and_runs_on_the_current_stream():
     check_codes_canonical(q, x.float().cpu().numpy(), codes)
 
 
+# ---- the fast encode kernel (mse, bits 2..4, dim 64 / 128 / 256, every kind but dense) ----------------
+# codec_encode_fast.cuh: float4 loads, register FWHT / block rotations, tiles of several rows per warp with the
+# next tile prefetched. These cases cover its shapes (n below one tile, odd n, several tiles per warp), the
+# padded outputs of rotor3 (66, 129, 258) and rows of every scale.
+
+FAST_KINDS = ["identity", "hadamard", "rotor3", "planar", "quat"]
+
+
+def wide_range_rows(n, dim, seed):
+    """Rows of every scale (2^-140 .. 2^100: tiny and huge norms, subnormal inputs), zero rows, -0.0 entries, rows
+    with one nonzero coordinate and rows mixing 2^100 with 2^-40."""
+    generator = np.random.default_rng(seed)
+    x = generator.standard_normal((n, dim))
+    scales = generator.integers(-140, 101, size=n)
+    x = (x * np.exp2(scales.astype(np.float64))[:, None]).astype(np.float32)
+    if n > 8:
+        x[0] = 0.0
+        x[1] = 0.0
+        x[1, dim // 3] = -3.5
+        x[2] = np.where(np.arange(dim) % 2 == 1, np.float32(2.0**100), np.float32(2.0**-40) * np.arange(1, dim + 1))
+        x[3] = np.ldexp(1.0 + np.arange(dim), -149 + np.arange(dim) % 3).astype(np.float32)  # subnormal inputs
+        x[4, ::3] = -0.0
+        x[5] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("kind", FAST_KINDS)
+def test_fast_encode_is_bit_identical(kind, dim, bits):
+    # n = 20011: odd, not a multiple of any tile, and more tiles than warps of the persistent grid
+    q = rq.Quantizer(dim, bits, rotation=kind, seed=dim + 7 * bits)
+    x = random_rows(20011, dim, seed=dim * 13 + bits)
+    x[5] = 0.0
+    check_codes_canonical(q, x, q.encode(torch.from_numpy(x).to(DEVICE)))
+    for n in (1, 2, 5, 9, 33):  # less than one tile / one block
+        check_codes_canonical(q, x[:n], q.encode(torch.from_numpy(x[:n].copy()).to(DEVICE)))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("kind", FAST_KINDS)
+def test_fast_encode_rows_of_every_scale_and_options(kind, dim, bits):
+    x = wide_range_rows(777, dim, seed=dim + bits)
+    for options in (dict(norm_dtype="float32"), dict(norm_dtype="float32", norm_correction=True),
+                    dict(norm_dtype="float32", codebook="gaussian")):
+        q = rq.Quantizer(dim, bits, rotation=kind, seed=bits, **options)
+        check_codes_canonical(q, x, q.encode(torch.from_numpy(x).to(DEVICE)))
+    # float16 norms with norm correction on ordinary rows
+    q = rq.Quantizer(dim, bits, rotation=kind, seed=bits, norm_correction=True)
+    y = random_rows(300, dim, seed=bits, scale=0.5)
+    check_codes_canonical(q, y, q.encode(torch.from_numpy(y).to(DEVICE)))
+
+
+def test_fast_encode_unaligned_input_uses_the_general_kernel():
+    q = rq.Quantizer(128, 3, rotation="hadamard", seed=2)
+    storage = torch.from_numpy(random_rows(101 * 128 + 1, 1, seed=3).reshape(-1)).to(DEVICE)
+    x = storage[1:].view(101, 128)  # 4-byte but not 16-byte aligned
+    check_codes_canonical(q, x.cpu().numpy(), q.encode(x))
+
+
+def _float32_parts(value):
+    """(B, e) with |value| = B * 2^e, B a 24-bit integer (normal float32)."""
+    mantissa, exponent = np.frexp(np.float64(abs(value)))  # value = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return int(mantissa * 2**24), int(exponent) - 24
+
+
+def midpoint_rows(dim, bits, trials=400):
+    """Rows whose unit coordinate x_p / norm lies next to the float32 rounding midpoint M beside a codebook boundary
+    b, on the side that changes the index if x_p / norm is not rounded exactly.
+
+    Like tests/cpp/test_canonical.cpp: M = (2 B -+ 1) 2^(e - 1) for b = +-B 2^e (B the 24-bit mantissa; the
+    midpoint between b and its neighbour towards the lower cell); a random float probe x_p in [M, 2 M), r = RN(M /
+    x_p) and a norm N (a double next to 1 / r) with RN(1 / N) = r, kept when RN(x_p r) = M: then the product
+    x_p * RN(1 / N) rounds to M and then to the even neighbour, while x_p / N lies a fraction of a double ulp
+    beside M and may round to the other float, across b. The other coordinates ("fillers") are multiples of 2^H,
+    2^(2H) the largest power of 4 within the window of sums whose square root rounds to N, chosen greedily so that
+    sum x_j^2 is exactly a double in that window; every sum of these squares is exact in any order (all
+    multiples of 2^(2H), total < 2^53 2^(2H); N where that fails are skipped), so every backend gets the norm N.
+    Returns the rows where the index of x_p differs between x_p / N and the product x_p * (1 / N) rounded to float
+    (the shortcut the exact quotient must not take) and the number of such rows."""
+    from fractions import Fraction
+    import math
+
+    book = _core.codebook(dim, bits, "sphere")
+    boundaries = np.asarray(book["boundaries_f32"], dtype=np.float32)
+    generator = np.random.default_rng(dim * 10 + bits)
+    rows = []
+    for b in boundaries:
+        if b == 0:
+            continue
+        mantissa, exponent = _float32_parts(b)
+        if mantissa == 1 << 23:
+            continue  # a power of two: the midpoint below is a quarter ulp away
+        odd = 2 * mantissa - 1 if b > 0 else 2 * mantissa + 1  # toward the lower cell
+        midpoint = Fraction(odd) * Fraction(2) ** (exponent - 1)
+        for _ in range(trials):
+            probe_mantissa = int(generator.integers(1 << 23, 1 << 24))
+            probe = Fraction(probe_mantissa) * Fraction(2) ** (exponent - 1 + 25 - 24)  # in [M, 4 M)
+            r = float(midpoint / probe)
+            if Fraction(float(Fraction(probe) * Fraction(r))) != midpoint:
+                continue  # RN(x_p r) must be exactly M
+            start = 1.0 / r
+            for step in (-1, 0, 1):
+                norm = float(start + step * math.ulp(start))
+                if 1.0 / norm != r:
+                    continue
+                ulp = Fraction(math.ulp(norm))
+                low, high = (Fraction(norm) - ulp / 2) ** 2, (Fraction(norm) + ulp / 2) ** 2
+                h = math.floor(math.log2(high - low) / 2)
+                unit = Fraction(2) ** (2 * h)
+                if (Fraction(norm) + ulp) ** 2 >= 2**53 * unit or (probe / Fraction(2) ** h).denominator != 1:
+                    continue  # sums not exact, or the probe not a multiple of 2^H
+                x_p = np.float32(np.sign(b) * float(probe))
+                divided = np.float32(np.float64(x_p) / norm)
+                product = np.float32(np.float64(x_p) * (1.0 / norm))
+                if np.searchsorted(boundaries, divided, side="right") == np.searchsorted(boundaries, product,
+                                                                                          side="right"):
+                    continue  # not a hard case
+                target = math.floor((low + high) / 2 / unit)  # the sum of squares in units of 2^(2H)
+                remainder = target - int(probe ** 2 / unit)
+                fillers = []
+                while remainder > 0 and len(fillers) < dim - 1:
+                    f = math.isqrt(remainder)
+                    shift = max(0, f.bit_length() - 24)
+                    f = (f >> shift) << shift  # a float32
+                    fillers.append(np.float32(np.ldexp(f, h)))
+                    remainder -= f * f
+                if remainder != 0:
+                    continue
+                row = np.zeros(dim, dtype=np.float32)
+                row[:len(fillers)] = fillers
+                row[-1] = x_p
+                assert np.sqrt(np.sum(row.astype(np.float64) ** 2)) == norm, "the construction must give the norm N"
+                rows.append(row)
+    return np.stack(rows) if rows else np.zeros((0, dim), np.float32), len(rows)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_fast_encode_unit_coordinates_next_to_float_midpoints(dim, bits):
+    x, hard = midpoint_rows(dim, bits)
+    # the construction works: rows whose probe gets another index when x / norm is replaced by x * (1 / norm)
+    assert hard >= 10, hard
+    for scale in (1.0, 2.0**-60, 2.0**40):  # powers of two keep every relation exact
+        xs = (x * np.float32(scale)).astype(np.float32)
+        q = rq.Quantizer(dim, bits, rotation="identity", seed=1, norm_dtype="float32")
+        check_codes_canonical(q, xs, q.encode(torch.from_numpy(xs).to(DEVICE)))
+        q = rq.Quantizer(dim, bits, rotation="hadamard", seed=1, norm_dtype="float32")
+        check_codes_canonical(q, xs, q.encode(torch.from_numpy(xs).to(DEVICE)))
+
+
 # ---- decode ------------------------------------------------------------------------------------------
 
 

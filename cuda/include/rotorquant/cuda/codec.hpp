@@ -29,6 +29,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "rotorquant/quantizer.hpp"
 
@@ -83,6 +84,7 @@ class DeviceQuantizer {
   int chunks_ = 1;  // coordinates per lane: padded_dim <= 32 * chunks_
   int mse_bits_ = 0;
   float zero_centroid_ = 0.0f;
+  std::vector<float> boundaries_;  // the codebook's float32 boundaries on the host (fast encode kernel parameter)
   // Device buffers (one allocation each; null when unused).
   float* rotation_parameters_ = nullptr;  // hadamard signs (padded to 32 * chunks_ with zeros) / block params
   float* forward_matrix_ = nullptr;       // dense: M^T (padded_dim x columns_); blocks: derived k x k matrices
