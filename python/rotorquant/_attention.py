@@ -139,7 +139,9 @@ class DecodeAttention:
         """Softmax attention of one query position per sequence over its codes and full-precision tokens.
 
         - ``queries``: (batch, q_heads, head_dim) float16 / bfloat16 / float32; q_heads a multiple of num_kv_heads
-          (query head i uses KV head i // (q_heads // num_kv_heads)).
+          (query head i uses KV head i // (q_heads // num_kv_heads)). float16 / bfloat16 queries run the code tokens
+          on tensor cores (fp16 operands with hi/lo-split queries and key centroids: within 1e-3 of the largest
+          output), float32 queries on float32 CUDA cores (within 1e-4); docs/attention.md §2.
         - contiguous layout (``block_table`` None): ``key_indices`` uint8 (batch, num_kv_heads, capacity,
           index_bytes), ``key_norms`` uint8 (batch, num_kv_heads, capacity, norm_bytes), dense in the last two
           dimensions, any strides in the first two (equal for indices and norms, counted in rows). Same for values.
