@@ -9,7 +9,9 @@
 //   lanes of the group by xor shuffles. Every warp keeps its own online-softmax state (scores in base 2) and
 //   accumulates p_t n_t c[idx_t] into its G x C accumulator; warps and lane groups are merged once at the end,
 //   and the block writes its (max, sum, accumulator) per query head into the workspace. The last split index
-//   (== num_splits) covers the full-precision tokens the same way, in the original domain.
+//   (== num_splits) covers the full-precision tokens the same way, in the original domain. This SIMT kernel runs
+//   float32 queries; float16 / bfloat16 queries take split_mma_kernel (attention_mma.cuh, tensor cores) for the code
+//   tokens and this kernel, launched for the last split index only (split_offset), for the full-precision tokens.
 // combine (one warp per query row): merges the splits, inverse value rotation of the code part, adds the
 //   full-precision part and the value mean, converts to the output dtype.
 #pragma once
