@@ -1,5 +1,5 @@
 // Tensor-core split kernel of the fused decode attention (internal; launched by attention.cu for float16 and
-// bfloat16 queries, docs/attention.md §6).
+// bfloat16 queries, docs/attention.md §2.1).
 //
 // One block of kSplitWarps warps per (split, KV head x head chunk, sequence), as the SIMT split kernel; each warp
 // takes 16-token tiles in turn and runs both products on mma.sync m16n8k16 (fp16 operands, fp32 accumulation):
@@ -461,7 +461,6 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   const int begin = split * a.tokens_per_split;
   const int end = min(begin + a.tokens_per_split, length);
   constexpr int kStride = kSplitWarps * kTileTokens;
-  // two tiles in registers: the next tile's loads are in flight while the current one computes
   // One tile at a time: measured on H100 (B = 32, 32K, K3/V3) 13% faster than keeping the next tile's loads in
   // flight, which costs ~40 registers and so one block per SM (4 vs 3 blocks of 4 warps); the latency is hidden by
   // more warps instead (5 blocks per SM at d <= 128, 96 registers).
