@@ -1,6 +1,6 @@
 """Throughput of the fused CUDA codec (encode / decode / scores) on one GPU, with baselines measured in the same run.
 
-    python benchmarks/bench_cuda.py [--quick] [--markdown]
+    python benchmarks/bench_cuda.py [--quick] [--kinds dense,hadamard] [--sizes 1M,4M] [--no-scores]
 
 GB/s counts the bytes a kernel must move: encode reads n*d*4 (float32 input) and writes the codes
 (n * bytes_per_vector); decode reads the codes and writes n*d*4. "copy" is a device-to-device copy of the
@@ -50,7 +50,14 @@ def ptr(t):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="n in {16K, 1M} only, bits 3 only")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="rotation kinds, comma-separated (default: all)")
+    parser.add_argument("--sizes", default=None, help="n values, comma-separated, K / M suffixes allowed")
+    parser.add_argument("--no-scores", action="store_true", help="skip the scores table")
     args = parser.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        parser.error(f"--kinds: expected some of {KINDS}, got {unknown}")
     if not (torch.cuda.is_available() and rq.has_cuda()):
         print("bench_cuda: needs a CUDA device and a CUDA build of rotorquant", file=sys.stderr)
         return 1
@@ -59,6 +66,10 @@ def main() -> int:
     dim = 128
     # 1K / 4K: the seed's table sizes (bits 3 only); 16K, 1M, 4M: every bit width.
     sizes = [1 << 14, 1 << 20] if args.quick else [1 << 10, 1 << 12, 1 << 14, 1 << 20, 1 << 22]
+    if args.sizes:
+        units = {"K": 1 << 10, "M": 1 << 20}
+        sizes = [int(v[:-1]) * units[v[-1].upper()] if v[-1].upper() in units else int(v)
+                 for v in args.sizes.split(",") if v]
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; rotorquant {rq.__version__}; d = {dim}")
     header = f"{'n':>8s} {'what':44s} {'ms':>9s} {'GB/s':>8s} {'of copy':>8s}"
@@ -78,7 +89,7 @@ def main() -> int:
         for bits in ([3] if args.quick or n < (1 << 14) else [2, 3, 4]):
             modes = ["mse", "prod"] if bits == 3 and n == (1 << 20) else ["mse"]
             for mode in modes:
-                for kind in KINDS:
+                for kind in kinds:
                     q = rq.Quantizer(dim, bits, rotation=kind, mode=mode, seed=1)
                     native = q._device_native("cuda", 0)
                     buffers = code_buffers(q, n, device)
@@ -117,6 +128,8 @@ def main() -> int:
         del x, scratch
         torch.cuda.empty_cache()
 
+    if args.no_scores:
+        return 0
     # scores: one KV head of n codes, GQA group of 8 query heads (and 32)
     print()
     print(f"{'n':>8s} {'scores (heads=1)':44s} {'ms':>9s} {'Gcode/s':>8s}")

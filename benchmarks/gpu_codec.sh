@@ -36,7 +36,7 @@ for kind, bits in (("identity", 2), ("hadamard", 3), ("dense", 3)):
 torch.cuda.synchronize()
 PY
     timeout "${PROFILE_TIMEOUT:-90}" "$NCU" --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section WarpStateStats -k regex:"encode_kernel|encode_fast_kernel|decode_kernel" python3 /tmp/rq_codec_profile.py \
+      --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats -k regex:"encode_kernel|encode_fast_kernel|encode_dense_kernel|decode_kernel" python3 /tmp/rq_codec_profile.py \
       > "$OUT/ncu.txt" 2>&1
     note "ncu exit: $?"
   else
@@ -51,7 +51,7 @@ import rotorquant as rq
 
 device = torch.device("cuda", 0)
 for kind in ("identity", "dense", "hadamard", "rotor3", "planar", "quat"):
-    for dim, bits, mode in ((128, 3, "mse"), (100, 4, "prod"), (5, 2, "prod")):
+    for dim, bits, mode in ((128, 3, "mse"), (64, 4, "mse"), (100, 4, "prod"), (5, 2, "prod")):
         q = rq.Quantizer(dim, bits, rotation=kind, mode=mode, seed=1)
         for n in (0, 37):
             x = torch.randn(n, dim, device=device)

@@ -31,6 +31,7 @@
 #pragma once
 
 #include "attention_kernels.cuh"
+#include "mma.cuh"
 
 namespace rotorquant {
 namespace cuda {
@@ -39,18 +40,6 @@ namespace attention {
 constexpr int kMmaHeads = 8;     // query heads per block: the n of the value product
 constexpr int kTileTokens = 16;  // tokens per warp tile: the k of the value product
 constexpr int kNoScale = -100000;
-
-__device__ __forceinline__ void mma_16816(float (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-                                          unsigned b0, unsigned b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ unsigned pack_half2(float low, float high) {
-  const __half2 h = __floats2half2_rn(low, high);
-  return *reinterpret_cast<const unsigned*>(&h);
-}
 
 // 2^e as a float (0 below the float range), exact.
 __device__ __forceinline__ float power_of_two(int e) { return e < -149 ? 0.0f : ldexpf(1.0f, e); }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "check.cuh"
+#include "codec_encode_dense.hpp"
 #include "codec_encode_fast.hpp"
 #include "codec_kernels.cuh"
 #include "rotorquant/cuda/codec.hpp"
@@ -208,6 +209,13 @@ DeviceQuantizer::DeviceQuantizer(const Quantizer& quantizer, int device)
         }
         forward_matrix_ = upload(pad_columns(transposed.data(), p, p, columns_), context);
         inverse_matrix_ = upload(pad_columns(rotation.parameters().data(), p, p, columns_), context);
+        if (params_.mode == QuantizerMode::kMSE && mse_bits_ >= 2 && mse_bits_ <= 4 && dim_ == p) {
+          const codec::DenseEncodePlan plan = codec::make_dense_encode_plan(rotation.parameters().data(),
+                                                                            static_cast<int>(p));
+          dense_fragments_ = upload(plan.fragments, context);  // null when no plan covers p
+          dense_error_base_ = plan.base;
+          dense_error_slope_ = plan.slope;
+        }
         break;
       }
       case RotationKind::kRotor3:
@@ -270,6 +278,8 @@ void DeviceQuantizer::release() noexcept {
     if (*buffer) cudaFree(*buffer);
     *buffer = nullptr;
   }
+  if (dense_fragments_) cudaFree(dense_fragments_);
+  dense_fragments_ = nullptr;
   if (status_) cudaFree(status_);
   status_ = nullptr;
   if (host_status_) cudaFreeHost(host_status_);
@@ -391,10 +401,15 @@ void DeviceQuantizer::encode(const float* x, std::int64_t n, const CodesView& ou
   if (check) lock.lock();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
-  // mse mode, bits 2..4, dim 64 / 128 / 256, kinds other than dense: the fast kernel; everything else (and an x
-  // that is not 16-byte aligned) the general one
-  if (!codec::launch_encode_fast(static_cast<int>(params_.rotation), x, args, boundaries_.data(),
-                                 multiprocessor_count_, s)) {
+  // mse mode, bits 2..4: dense at dim 64 / 128 the tensor-core kernel, the other kinds at dim 64 / 128 / 256 the
+  // fast kernel; everything else (and an x that is not 16-byte aligned) the general one
+  const bool fused =
+      params_.rotation == RotationKind::kDense
+          ? codec::launch_encode_dense(x, args, boundaries_.data(), dense_fragments_, dense_error_base_,
+                                       dense_error_slope_, multiprocessor_count_, s)
+          : codec::launch_encode_fast(static_cast<int>(params_.rotation), x, args, boundaries_.data(),
+                                      multiprocessor_count_, s);
+  if (!fused) {
     dispatch(params_.rotation, chunks_, x, args, nullptr, OutputDtype::kFloat32, true, multiprocessor_count_, s);
   }
   finish_checks(stream, what.c_str(), check);

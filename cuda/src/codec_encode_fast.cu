@@ -2,10 +2,10 @@
 #include "codec_encode_fast.hpp"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 
 #include "codec_encode_fast.cuh"
+#include "resident_blocks.hpp"
 
 namespace rotorquant {
 namespace cuda {
@@ -13,34 +13,12 @@ namespace codec {
 
 namespace {
 
-constexpr int kCachedDevices = 64;
-
-// Resident blocks per SM of `kernel` on the current device, queried once per (kernel, device) and cached: encode is
-// called per decode step and per KV head, and the occupancy query is host work on that path. `cache` is the
-// instantiation's own table (0 = not queried yet).
-template <typename Kernel>
-int resident_blocks(Kernel kernel, int fallback, std::atomic<int> (&cache)[kCachedDevices]) {
-  int device = 0;
-  const bool cacheable = cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < kCachedDevices;
-  if (cacheable) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) return cached;
-  }
-  int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess || blocks < 1) {
-    cudaGetLastError();
-    return fallback;  // not cached: a failed query is asked again next time
-  }
-  if (cacheable) cache[device].store(blocks, std::memory_order_relaxed);
-  return blocks;
-}
-
 template <int Kind, int P, int Bits, int Variant>
 void launch_variant(const float* x, const CodecArgs& args, const FastBoundaries& boundaries, int multiprocessor_count,
             cudaStream_t stream) {
   auto kernel = encode_fast_kernel<Kind, P, Bits, Variant>;
   static std::atomic<int> cache[kCachedDevices] = {};
-  const int blocks_per_multiprocessor = resident_blocks(kernel, FastVariant<Variant>::kMinBlocksPerSM, cache);
+  const int blocks_per_multiprocessor = resident_blocks(kernel, kThreads, 0, FastVariant<Variant>::kMinBlocksPerSM, cache);
   // persistent grid: one resident wave, warps loop over tiles
   const std::int64_t tiles = (args.n + FastLayout<P, Variant>::kRowsPerTile - 1) / FastLayout<P, Variant>::kRowsPerTile;
   const std::int64_t blocks = (tiles + kWarps - 1) / kWarps;

@@ -549,3 +549,84 @@ def test_cupy_arrays_if_available():
     check_codes_canonical(q, cupy.asnumpy(x), codes)
     out = q.decode(codes)
     assert isinstance(out, cupy.ndarray)
+
+
+# ---- dense rotation on tensor cores (codec_encode_dense.cuh) ----------------------------------------
+# mse, bits 2..4, dim 64 / 128: y is filtered on fp16 tensor cores with a proven error bound and the coordinates
+# within that bound of a boundary are recomputed with the canonical fmaf chain. The codes must be exactly canonical.
+
+DENSE_DIMS = [64, 128]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dim", DENSE_DIMS)
+def test_dense_tensor_core_encode_is_bit_identical(dim, bits):
+    # n = 20011: odd, not a multiple of the 16-row tile, more tiles than warps of the persistent grid
+    q = rq.Quantizer(dim, bits, rotation="dense", seed=dim + 7 * bits)
+    x = random_rows(20011, dim, seed=dim * 17 + bits)
+    x[5] = 0.0
+    x[6, :] = -0.0
+    check_codes_canonical(q, x, q.encode(torch.from_numpy(x).to(DEVICE)))
+    for n in (1, 2, 5, 15, 16, 17, 33):  # less than one tile / one warp / one block
+        check_codes_canonical(q, x[:n], q.encode(torch.from_numpy(x[:n].copy()).to(DEVICE)))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dim", DENSE_DIMS)
+def test_dense_tensor_core_encode_rows_of_every_scale_and_options(dim, bits):
+    x = wide_range_rows(777, dim, seed=dim + bits)
+    generator = np.random.default_rng(dim * bits)
+    heavy = (generator.standard_t(2, size=(300, dim)) * np.where(np.arange(dim) % 9 == 0, 40.0, 1.0)).astype(np.float32)
+    x = np.concatenate([x, heavy])  # heavy tails and outlier channels: one large coordinate dominates u
+    for options in (dict(norm_dtype="float32"), dict(norm_dtype="float32", norm_correction=True),
+                    dict(norm_dtype="float32", codebook="gaussian")):
+        q = rq.Quantizer(dim, bits, rotation="dense", seed=bits, **options)
+        check_codes_canonical(q, x, q.encode(torch.from_numpy(x).to(DEVICE)))
+    q = rq.Quantizer(dim, bits, rotation="dense", seed=bits, norm_correction=True)  # float16 norms
+    check_codes_canonical(q, heavy, q.encode(torch.from_numpy(heavy).to(DEVICE)))
+
+
+def rows_on_boundaries(q: rq.Quantizer, n, seed):
+    """Rows x = M^T y (float32) of unit vectors y whose coordinates, all but 8, are codebook boundaries (a float ulp
+    either side or exact); the 8 others make ||y|| = 1. The encoder's rotated coordinates then lie within ~1e-7 of
+    the boundaries: the tensor-core estimate (error ~1e-4) cannot decide them, nearly all take the exact fallback."""
+    p = q.padded_dim
+    m = rq.Rotation("dense", p, seed=q.seed).parameters().reshape(p, p).astype(np.float64)
+    boundaries = np.asarray(_core.codebook(p, q.mse_bits, q.codebook)["boundaries_f32"], dtype=np.float64)
+    small = boundaries[np.abs(boundaries) <= 1.5 / np.sqrt(p)]
+    generator = np.random.default_rng(seed)
+    y = generator.choice(small, size=(n, p))
+    y *= 1.0 + generator.choice([-1.0, 0.0, 1.0], size=(n, p)) * 2.0**-23  # a float ulp either side
+    for row in y:  # keep room for the fillers: sum of squares <= 0.9
+        while (row[:-8] ** 2).sum() > 0.9:
+            row[generator.integers(0, p - 8)] = 0.0
+        row[-8:] = np.sqrt((1.0 - (row[:-8] ** 2).sum()) / 8) * generator.choice([-1.0, 1.0], size=8)
+    return (y @ m).astype(np.float32) * np.float32(3.0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dim", DENSE_DIMS)
+def test_dense_tensor_core_encode_rows_on_the_boundaries(dim, bits):
+    q = rq.Quantizer(dim, bits, rotation="dense", seed=3 * bits, norm_dtype="float32", norm_correction=True)
+    x = rows_on_boundaries(q, 400, seed=dim + bits)
+    # the test has teeth: the fp16 estimate of y puts many coordinates in another cell than the canonical chain
+    norm = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1, keepdims=True))
+    u = (x.astype(np.float64) / norm).astype(np.float32)
+    m = rq.Rotation("dense", dim, seed=q.seed).parameters().reshape(dim, dim).astype(np.float32)
+    estimate = u.astype(np.float16).astype(np.float64) @ m.astype(np.float16).astype(np.float64).T
+    boundaries = np.asarray(_core.codebook(dim, bits, "sphere")["boundaries_f32"], dtype=np.float32)
+    canonical = np.searchsorted(boundaries, reference_rotate(q, u), side="right")
+    wrong = int((np.searchsorted(boundaries, estimate, side="right") != canonical).sum())
+    assert wrong >= 0.2 * x.size, wrong
+    check_codes_canonical(q, x, q.encode(torch.from_numpy(x).to(DEVICE)))
+
+
+def test_dense_unaligned_input_and_other_dims_use_the_general_kernel():
+    q = rq.Quantizer(128, 3, rotation="dense", seed=2)
+    storage = torch.from_numpy(random_rows(101 * 128 + 1, 1, seed=3).reshape(-1)).to(DEVICE)
+    x = storage[1:].view(101, 128)  # 4-byte but not 16-byte aligned
+    check_codes_canonical(q, x.cpu().numpy(), q.encode(x))
+    for dim, bits in ((256, 3), (96, 4), (128, 1), (128, 5)):
+        q = rq.Quantizer(dim, bits, rotation="dense", seed=dim)
+        x = random_rows(301, dim, seed=bits)
+        check_codes_canonical(q, x, q.encode(torch.from_numpy(x).to(DEVICE)))

@@ -89,6 +89,8 @@ class DeviceQuantizer {
   float* rotation_parameters_ = nullptr;  // hadamard signs (padded to 32 * chunks_ with zeros) / block params
   float* forward_matrix_ = nullptr;       // dense: M^T (padded_dim x columns_); blocks: derived k x k matrices
   float* inverse_matrix_ = nullptr;       // dense: M (padded_dim x columns_)
+  std::uint32_t* dense_fragments_ = nullptr;  // dense, mse 2..4 bits, dim 64 / 128: fp16 M for the tensor-core encode
+  float dense_error_base_ = 0.0f, dense_error_slope_ = 0.0f;  // its error bound (codec_encode_dense.cuh)
   float* qjl_transposed_ = nullptr;       // S^T (padded_dim x qjl_columns_) for encode and query projections
   float* qjl_matrix_ = nullptr;           // S (qjl_dim x columns_) for decode
   float* codebook_ = nullptr;             // boundaries (levels - 1) then centroids (levels), float32
