@@ -28,11 +28,14 @@ void launch_variant(const float* x, const CodecArgs& args, const FastBoundaries&
 }
 
 // Variant 0 (4 slots, <= 128 registers, 2 blocks per SM) measured 5-10 % faster than variant 1 (2 slots, 80
-// registers, 3 blocks) for every kind on an H100 (n = 1M, d = 128, b = 3); only variant 0 is instantiated.
+// registers, 3 blocks) for every kind on an H100 (n = 1M, d = 128, b = 3). At d = 128, variant 2 (16 lanes per row:
+// two float4 chunks per row and lane, 2 slots of 2 rows) needs 8-18 % fewer instructions than variant 0 (the
+// per-row shuffles, broadcasts and store addressing are shared by two rows); at d = 256 it needs more (4 chunks,
+// one slot). Only these variants are instantiated.
 template <int Kind, int P, int Bits>
 void launch(const float* x, const CodecArgs& args, const FastBoundaries& boundaries, int multiprocessor_count,
             cudaStream_t stream) {
-  launch_variant<Kind, P, Bits, 0>(x, args, boundaries, multiprocessor_count, stream);
+  launch_variant<Kind, P, Bits, P == 128 ? 2 : 0>(x, args, boundaries, multiprocessor_count, stream);
 }
 
 template <int Kind, int P>
@@ -69,7 +72,9 @@ bool launch_encode_fast(int kind, const float* x, const CodecArgs& args, const f
   if (args.prod || args.n <= 0 || reinterpret_cast<std::uintptr_t>(x) % 16 != 0) return false;
   if (args.levels != 4 && args.levels != 8 && args.levels != 16) return false;
   FastBoundaries table{};
-  for (int k = 0; k < args.levels - 1; ++k) table.value[k] = boundaries[k];
+  // the kernel's index search needs exactly antisymmetric boundaries (always the case for the Lloyd-Max codebooks);
+  // anything else goes to the generic encode_kernel
+  if (!set_symmetric_boundaries(boundaries, args.levels, &table)) return false;
   switch (kind) {
     case kIdentity: return launch_dim<kIdentity>(x, args, table, multiprocessor_count, stream);
     case kHadamard: return launch_dim<kHadamard>(x, args, table, multiprocessor_count, stream);

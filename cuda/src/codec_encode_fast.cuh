@@ -3,8 +3,9 @@
 // rotor3. Every other case uses encode_kernel (codec_kernels.cuh). The codes are bit-identical to it and to the
 // CPU core (docs/format.md section 8, "Canonical encode arithmetic").
 //
-// Layout. Lane l of a row's lane group (LPR = min(32, P / 4) lanes per row) holds the coordinates j = 4 q + t,
-// t = 0..3, of the quads q = c LPR + l (c < CH = P / (4 LPR) chunks): one float4 load per (row, chunk), coalesced.
+// Layout. Lane l of a row's lane group (LPR = min(32, P / 4) lanes per row; 16 at P = 128, variant 2) holds the
+// coordinates j = 4 q + t, t = 0..3, of the quads q = c LPR + l (c < CH = P / (4 LPR) chunks): one float4 load per
+// (row, chunk), coalesced.
 // A warp tile is S "slots" of RPS = 32 / LPR rows each (S RPS consecutive rows); the tile's loads are all issued
 // before any use and the next tile's loads are issued before the current tile is processed (software prefetch
 // into registers), so each warp keeps 2 S CH float4 loads in flight.
@@ -17,8 +18,8 @@
 //     reciprocal r = RN(1 / norm) and one FMA correction (Markstein): q = RN(x r), e = fma(-q, norm, x) (exact),
 //     RN(x / norm) = fma(e, r, q); then one rounding to float. Exact for every finite x (no intermediate
 //     underflows: |x| >= 2^-149, norm < 2^132, so |q| >= 2^-282 and |e| >= 2^-335 are normal doubles).
-//   - hadamard: butterflies of stride 1, 2 inside the lane's quad (registers), 4 .. 2 LPR by xor shuffles, 4 LPR
-//     (P = 256) between the chunks: the canonical order h = 1, 2, 4, ..., P / 2. A shuffle stage is
+//   - hadamard: butterflies of stride 1, 2 inside the lane's quad (registers), 4 .. 2 LPR by xor shuffles, 4 LPR ..
+//     P / 2 between the chunks (registers): the canonical order h = 1, 2, 4, ..., P / 2. A shuffle stage is
 //     fmaf(+-1, own, partner): one rounding of own + partner (lower lane) or partner - own (upper lane), i.e.
 //     exactly the canonical a + b / a - b.
 //   - planar / quat: the lane's quad holds whole groups (2 or 1): fmaf chains over the lane's own values with the
@@ -30,7 +31,10 @@
 //     or after its last (acc + (+-0) = acc, except that a zero acc may change its sign, which no index can see:
 //     -0 and +0 fall into the same cell). The padded outputs dim .. p - 1 (last group) are "extra" outputs of
 //     every lane over window positions 2 .. 5; only the row's last quad uses them.
-//   - Indices: the count of float32 boundaries b_k <= y (boundaries in registers, ties to the upper cell).
+//   - Indices: the count of float32 boundaries b_k <= y (ties to the upper cell), by symmetric_quad: integer
+//     compares of the bits of |y| with the positive boundaries' bits, one binary-search step shorter than a search
+//     over all boundaries, the quad's indices packed as they are found (exactly antisymmetric codebooks only; the
+//     launch sends any other to encode_kernel).
 //   - Planes: the quad's 4 indices are one byte of a 2-bit plane, a nibble of a 1-bit plane (two lanes -> one
 //     byte by one shuffle), two bytes of a 4-bit plane; byte stores, consecutive lanes -> consecutive bytes.
 //   - Norm correction (runtime flag): a double table of exact c^2 in shared memory, reduce-scattered like the norm.
@@ -39,7 +43,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "codec_kernels.cuh"
 
@@ -47,20 +53,23 @@ namespace rotorquant {
 namespace cuda {
 namespace codec {
 
-// Tuning variants of encode_fast_kernel: slots per tile (rows per lane group and tile; P = 256 takes half) and
-// the minimum number of 256-thread blocks per SM (register bound: 2 -> 128, 3 -> 80 registers).
+// Tuning variants of encode_fast_kernel: slots per tile (rows per lane group and tile; divided by the chunks per
+// row), the minimum number of 256-thread blocks per SM (register bound: 2 -> 128, 3 -> 80 registers) and the most
+// lanes per row (variant 2: 16, so a row of 128 takes two chunks per lane; the launch uses it at P = 128).
 template <int Variant>
 struct FastVariant {
-  static constexpr int kSlots = Variant == 0 ? 4 : 2;
-  static constexpr int kMinBlocksPerSM = Variant == 0 ? 2 : 3;
+  static constexpr int kSlots = Variant == 1 ? 2 : 4;
+  static constexpr int kMinBlocksPerSM = Variant == 1 ? 3 : 2;
+  static constexpr int kMaxLanesPerRow = Variant == 2 ? 16 : 32;
 };
 
 template <int P, int Variant>
 struct FastLayout {
-  static constexpr int kLanesPerRow = P / 4 < 32 ? P / 4 : 32;   // LPR: 16, 32, 32
-  static constexpr int kRowsPerSlot = 32 / kLanesPerRow;         // RPS: 2, 1, 1
-  static constexpr int kChunks = P / (4 * kLanesPerRow);         // CH: 1, 1, 2
-  static constexpr int kSlots = P == 256 ? FastVariant<Variant>::kSlots / 2 : FastVariant<Variant>::kSlots;  // S
+  static constexpr int kMaxLanes = FastVariant<Variant>::kMaxLanesPerRow;
+  static constexpr int kLanesPerRow = P / 4 < kMaxLanes ? P / 4 : kMaxLanes;  // LPR (variants 0 / 2): 16, 32 / 16, 32
+  static constexpr int kRowsPerSlot = 32 / kLanesPerRow;                      // RPS: 2, 1 / 2, 1
+  static constexpr int kChunks = P / (4 * kLanesPerRow);                      // CH: 1, 1 / 2, 2
+  static constexpr int kSlots = FastVariant<Variant>::kSlots / kChunks;       // S: 4, 4 / 2, 2
   static constexpr int kRowsPerTile = kSlots * kRowsPerSlot;
 };
 
@@ -123,10 +132,110 @@ __host__ __device__ constexpr int reduce_scatter_source(int slot) {
 }
 
 // The codebook's float32 boundaries as a kernel parameter: warp-uniform constants that the compares read from the
-// constant bank (no registers, no shared-memory loads).
+// constant bank (no registers, no shared-memory loads). positive[i] = the bits of the positive boundary
+// b[L / 2 + i] (i < L / 2 - 1) as an int, for symmetric_index; set by set_symmetric_boundaries.
 struct FastBoundaries {
   float value[15];
+  int positive[7];
 };
+
+// Fills boundary with the levels - 1 float32 boundaries b and returns whether they are exactly antisymmetric, the
+// condition of symmetric_index: b[L / 2 - 1] == 0 (+0 or -0) and bits(b[k]) == bits(-b[L - 2 - k]) for every k.
+// (The Lloyd-Max codebooks are: their centroids are negated exactly and b_k = (c_k + c_{k+1}) / 2 rounds
+// symmetrically, so this always holds for them; a codebook that fails it goes to the generic encode_kernel.)
+inline bool set_symmetric_boundaries(const float* b, int levels, FastBoundaries* boundary) {
+  if (levels < 2 || levels > 16) return false;
+  const int half = levels / 2;
+  bool symmetric = levels % 2 == 0 && b[half - 1] == 0.0f;
+  for (int k = 0; k < levels - 1; ++k) {
+    boundary->value[k] = b[k];
+    const float mirrored = -b[levels - 2 - k];
+    std::uint32_t bits = 0, mirrored_bits = 0;
+    std::memcpy(&bits, b + k, sizeof bits);
+    std::memcpy(&mirrored_bits, &mirrored, sizeof mirrored_bits);
+    if (k != half - 1 && bits != mirrored_bits) symmetric = false;
+    if (k >= half) boundary->positive[k - half] = static_cast<int>(bits);
+  }
+  // the positive boundaries must be positive finite floats (their bits then order like their values), ascending
+  for (int i = 0; symmetric && i < half - 1; ++i) {
+    if (!(b[half + i] > 0.0f) || !(b[half + i] < INFINITY)) symmetric = false;
+    if (i > 0 && !(b[half + i - 1] < b[half + i])) symmetric = false;
+  }
+  return symmetric;
+}
+
+// The index of y (the number of boundaries b_k <= y, ties to the upper cell, -0 and +0 -> L / 2) for exactly
+// antisymmetric boundaries (set_symmetric_boundaries): p_1 < ... < p_m (m = L / 2 - 1) the positive ones, P_i their
+// bits as ints (positive, ordered like the values), and the boundaries -p_m < ... < -p_1 < 0 < p_1 < ... < p_m.
+//   y >= +0 or y = -0: every -p_i and 0 are <= y, so idx = L / 2 + #{p_i <= y} = L / 2 + #{P_i <= bits(|y|)}
+//     (for finite y >= 0 and p > 0, p <= y iff bits(p) <= bits(y); for y = -0 the count is 0: every P_i >= 1).
+//   y < 0 (strictly): no p_i and not 0 are <= y; -p_i <= y iff p_i >= |y|, so idx = m - #{p_i < |y|}
+//     = m - #{P_i <= bits(|y|) - 1} (integers; bits(|y|) >= 1), and m - c = (L / 2 + c) ^ (L - 1) for 0 <= c <= m.
+// So with key = bits(y) for y >= +0, bits(|y|) - 1 = bits(y) - 0x80000001 for y < 0, and INT_MIN for -0 (bits
+// 0x80000000 taken as a signed int: below every P_i, count 0, and not negative: L / 2), idx = (L / 2 + c) ^ (neg ?
+// L - 1 : 0) with c = #{P_i <= key} (signed compares), by a binary search one step shorter than the full one.
+// NaN cannot reach it (non-finite rows are flagged and their codes are unspecified).
+template <int Bits>
+__device__ __forceinline__ int symmetric_index(const FastBoundaries& boundary, float y) {
+  const int* p = boundary.positive;
+  const unsigned bits = __float_as_uint(y);
+  const bool neg = bits > 0x80000000u;
+  const int key = static_cast<int>(neg ? bits + 0x7fffffffu : bits);
+  int count;
+  if (Bits == 2) {
+    count = p[0] <= key ? 1 : 0;
+  } else if (Bits == 3) {
+    const bool p1 = p[1] <= key;
+    const bool p2 = (p1 ? p[2] : p[0]) <= key;
+    count = (p1 ? 2 : 0) + (p2 ? 1 : 0);
+  } else {
+    const bool p1 = p[3] <= key;
+    const bool p2 = (p1 ? p[5] : p[1]) <= key;
+    const int low = p1 ? p[4] : p[0], high = p1 ? p[6] : p[2];
+    const bool p3 = (p2 ? high : low) <= key;
+    count = (p1 ? 4 : 0) + (p2 ? 2 : 0) + (p3 ? 1 : 0);
+  }
+  constexpr int kHalf = 1 << (Bits - 1), kMask = (1 << Bits) - 1;
+  return (kHalf + count) ^ (neg ? kMask : 0);
+}
+
+// The packed indices of 4 consecutive coordinates y[0..3] (symmetric_index of each), in the planes' bit order:
+// Bits 2: the 2-bit plane byte; Bits 3: the 2-bit plane byte (idx >> 1) | the 1-bit plane nibble (idx & 1) << 8;
+// Bits 4: the 16 bits of the 4-bit plane. Built as (L / 2 + c_t) packed, xor the packed neg masks: the same bits
+// as packing symmetric_index(y[t]) one by one, with fewer operations.
+template <int Bits>
+__device__ __forceinline__ unsigned symmetric_quad(const FastBoundaries& boundary, const float (&y)[4]) {
+  const int* p = boundary.positive;
+  unsigned count = 0, flip = 0;
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    const unsigned bits = __float_as_uint(y[t]);
+    const bool neg = bits > 0x80000000u;
+    const int key = static_cast<int>(neg ? bits + 0x7fffffffu : bits);
+    if (Bits == 2) {
+      if (p[0] <= key) count |= 1u << (2 * t);
+      if (neg) flip |= 3u << (2 * t);
+    } else if (Bits == 3) {
+      const bool p1 = p[1] <= key;
+      const bool p2 = (p1 ? p[2] : p[0]) <= key;
+      if (p1) count |= 1u << (2 * t);
+      if (p2) count |= 1u << (8 + t);
+      if (neg) flip |= (3u << (2 * t)) | (1u << (8 + t));
+    } else {
+      const bool p1 = p[3] <= key;
+      const bool p2 = (p1 ? p[5] : p[1]) <= key;
+      const int low = p1 ? p[4] : p[0], high = p1 ? p[6] : p[2];
+      const bool p3 = (p2 ? high : low) <= key;
+      if (p1) count |= 4u << (4 * t);
+      if (p2) count |= 2u << (4 * t);
+      if (p3) count |= 1u << (4 * t);
+      if (neg) flip |= 15u << (4 * t);
+    }
+  }
+  // L / 2 in every field: b = 2: 2 per 2-bit field; b = 3: 2 in the 2-bit fields (4 >> 1), 0 in the nibble; b = 4: 8
+  constexpr unsigned kHalves = Bits == 2 ? 0xAAu : Bits == 3 ? 0xAAu : 0x8888u;
+  return (kHalves | count) ^ flip;
+}
 
 // The number of boundaries b_k <= y (ties to the upper cell), as the branch-free binary search of the CPU:
 // step k compares y with the boundary the previous steps selected (selects between registers; this measured
@@ -256,6 +365,11 @@ __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerS
     }
   };
 
+  // the index bytes of this lane's row in slot 0 of the current tile (a 64-bit add per tile instead of a 64-bit
+  // row * index_bytes product per row)
+  std::uint8_t* lane_out = args.indices + (tile * RPT + row_in_slot) * args.index_bytes;
+  const std::int64_t lane_out_step = stride * RPT * args.index_bytes;
+
   float4 current[S][CH];
   load_tile(tile, current);
   for (; tile < tiles; tile += stride) {
@@ -263,6 +377,7 @@ __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerS
     load_tile(tile + stride, next);
 
     const std::int64_t row0 = tile * RPT;
+    const int tile_rows = n - row0 < RPT ? static_cast<int>(n - row0) : RPT;  // rows of the tile below n (>= 1)
     // 1. norms: per-lane partial sums, reduce-scatter, one sqrt / reciprocal per lane
     double partial[S];
 #pragma unroll
@@ -344,13 +459,18 @@ __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerS
               y[c][t] = __fmaf_rn(stage_sign[s2], y[c][t], partner);
             }
         }
-        // h = 4 LPR (P = 256): between the chunks
-        if (CH == 2) {
+        // h = 4 LPR, 8 LPR, ..., P / 2: between the chunks c and c + h / (4 LPR)
 #pragma unroll
-          for (int t = 0; t < 4; ++t) {
-            const float a = y[0][t], b = y[CH - 1][t];
-            y[0][t] = __fadd_rn(a, b);
-            y[CH - 1][t] = __fsub_rn(a, b);
+        for (int step = 1; step < CH; step *= 2) {
+#pragma unroll
+          for (int c = 0; c < CH; ++c) {
+            if (c & step) continue;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+              const float a = y[c][t], b = y[c + step][t];
+              y[c][t] = __fadd_rn(a, b);
+              y[c + step][t] = __fsub_rn(a, b);
+            }
           }
         }
 #pragma unroll
@@ -429,26 +549,28 @@ __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerS
         }
       }
       // 4. indices, planes
-      const std::int64_t row = row0 + s * RPS + row_in_slot;
-      const bool valid = row < n;
-      std::uint8_t* out = args.indices + row * args.index_bytes;
+      const bool valid = s * RPS + row_in_slot < tile_rows;
+      std::uint8_t* out = lane_out + s * RPS * args.index_bytes;
       double centroid_sum = 0.0;
       int extra_index[E > 0 ? E : 1];
 #pragma unroll
-      for (int e = 0; e < E; ++e) extra_index[e] = count_boundaries<Bits>(boundary, y_extra[e]);
+      for (int e = 0; e < E; ++e) extra_index[e] = symmetric_index<Bits>(boundary, y_extra[e]);
 #pragma unroll
       for (int c = 0; c < CH; ++c) {
         const int quad = c * LPR + lr;
-        int idx[4];
-#pragma unroll
-        for (int t = 0; t < 4; ++t) idx[t] = count_boundaries<Bits>(boundary, y[c][t]);
+        const unsigned packed = symmetric_quad<Bits>(boundary, y[c]);
         if (norm_correction) {
 #pragma unroll
-          for (int t = 0; t < 4; ++t) centroid_sum += centroid_squares[idx[t]];
+          for (int t = 0; t < 4; ++t) {
+            const unsigned idx = Bits == 2   ? (packed >> (2 * t)) & 3u
+                                 : Bits == 3 ? (((packed >> (2 * t)) & 3u) << 1) | ((packed >> (8 + t)) & 1u)
+                                             : (packed >> (4 * t)) & 15u;
+            centroid_sum += centroid_squares[idx];
+          }
         }
         const bool last_quad = c == CH - 1 && lr == LPR - 1;
         if (Bits == 2) {
-          const unsigned byte = idx[0] | (idx[1] << 2) | (idx[2] << 4) | (idx[3] << 6);
+          const unsigned byte = packed;
           if (valid) out[quad] = static_cast<std::uint8_t>(byte);
           if (E > 0 && valid && last_quad) {
             unsigned tail = 0u;
@@ -457,8 +579,8 @@ __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerS
             out[quad + 1] = static_cast<std::uint8_t>(tail);
           }
         } else if (Bits == 3) {
-          const unsigned byte = (idx[0] >> 1) | ((idx[1] >> 1) << 2) | ((idx[2] >> 1) << 4) | ((idx[3] >> 1) << 6);
-          const unsigned nibble = (idx[0] & 1) | ((idx[1] & 1) << 1) | ((idx[2] & 1) << 2) | ((idx[3] & 1) << 3);
+          const unsigned byte = packed & 0xFFu;
+          const unsigned nibble = packed >> 8;
           const unsigned partner = __shfl_down_sync(kFullMask, nibble, 1);
           if (valid) {
             out[quad] = static_cast<std::uint8_t>(byte);
@@ -475,7 +597,7 @@ __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerS
             out[plane1_offset + (quad >> 1) + 1] = static_cast<std::uint8_t>(tail1);
           }
         } else {  // Bits == 4
-          const unsigned pair = idx[0] | (idx[1] << 4) | (idx[2] << 8) | (idx[3] << 12);
+          const unsigned pair = packed;
           if (valid) {
             if (pairs_aligned) {
               reinterpret_cast<unsigned short*>(out)[quad] = static_cast<unsigned short>(pair);
@@ -513,6 +635,7 @@ __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerS
     for (int s = 0; s < S; ++s)
 #pragma unroll
       for (int c = 0; c < CH; ++c) current[s][c] = next[s][c];
+    lane_out += lane_out_step;
   }
 }
 

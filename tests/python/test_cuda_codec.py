@@ -438,6 +438,60 @@ def test_fast_encode_unit_coordinates_next_to_float_midpoints(dim, bits):
         check_codes_canonical(q, xs, q.encode(torch.from_numpy(xs).to(DEVICE)))
 
 
+def boundary_rows(dim, bits, codebook):
+    """Rows whose unit coordinates x_j / norm are exactly given float32 targets: every boundary of the codebook, its
+    negation, the floats one ulp either side of both, +0 and -0 (the fast kernel's symmetric index search: ties go
+    to the upper cell, -0 and +0 to levels / 2). Targets fill a row while their squares sum to <= 1/2; two fillers
+    bring sum x_j^2 to 1 within ~2^-45, so norm = 1 within ~2^-46 and x_j / norm rounds back to x_j (a relative
+    change far below half an ulp). Returns the rows and the targets' (row, column, value)."""
+    book = _core.codebook(dim, bits, codebook)
+    targets = []
+    for b in np.asarray(book["boundaries_f32"], dtype=np.float32):
+        for v in (b, -b):
+            v = np.float32(v)
+            targets += [v, np.nextafter(v, np.float32(np.inf)), np.nextafter(v, np.float32(-np.inf))]
+    targets += [np.float32(0.0), np.float32(-0.0)]
+    rows, placed, row, energy = [], [], [], 0.0
+    for v in targets + [None]:
+        if v is None or energy + float(v) ** 2 > 0.5 or len(row) == dim - 2:
+            x = np.zeros(dim, dtype=np.float32)
+            x[:len(row)] = row
+            remainder = 1.0 - float(np.sum(x.astype(np.float64) ** 2))
+            first = np.float32(np.sqrt(remainder))
+            while float(first) ** 2 > remainder:
+                first = np.nextafter(first, np.float32(0))
+            x[-2], x[-1] = first, np.float32(np.sqrt(remainder - float(first) ** 2))
+            placed += [(len(rows), j, w) for j, w in enumerate(row)]
+            rows.append(x)
+            row, energy = [], 0.0
+            if v is None:
+                break
+        row.append(v)
+        energy += float(v) ** 2
+    return np.stack(rows), placed
+
+
+@pytest.mark.parametrize("codebook", ["sphere", "gaussian"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_fast_encode_unit_coordinates_on_boundaries_and_signed_zeros(dim, bits, codebook):
+    x, placed = boundary_rows(dim, bits, codebook)
+    norm = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1))
+    u = (x.astype(np.float64) / norm[:, None]).astype(np.float32)
+    for r, j, v in placed:  # the construction gives exactly the targets (signed zeros included)
+        assert u[r, j].tobytes() == np.float32(v).tobytes(), (r, j, v, u[r, j])
+    boundaries = np.asarray(_core.codebook(dim, bits, codebook)["boundaries_f32"], dtype=np.float32)
+    levels = 1 << bits
+    expected = {(r, j): int(np.searchsorted(boundaries, v, side="right")) for r, j, v in placed}
+    assert expected[placed[-1][:2]] == levels // 2 and expected[placed[-2][:2]] == levels // 2  # -0 and +0
+    q = rq.Quantizer(dim, bits, rotation="identity", seed=1, codebook=codebook, norm_dtype="float32")
+    codes = q.encode(torch.from_numpy(x).to(DEVICE))
+    check_codes_canonical(q, x, codes)
+    idx = unpack_indices(q, codes.to("cpu").flat()["indices"])
+    for (r, j), e in expected.items():
+        assert idx[r, j] == e, (r, j, idx[r, j], e)
+
+
 # ---- decode ------------------------------------------------------------------------------------------
 
 
