@@ -340,8 +340,9 @@ def test_fast_encode_rows_of_every_scale_and_options(kind, dim, bits):
     check_codes_canonical(q, y, q.encode(torch.from_numpy(y).to(DEVICE)))
 
 
-def test_fast_encode_unaligned_input_uses_the_general_kernel():
-    q = rq.Quantizer(128, 3, rotation="hadamard", seed=2)
+@pytest.mark.parametrize("kind", ["hadamard", "dense"])  # the fast and the tensor-core kernel
+def test_fast_encode_unaligned_input_uses_the_general_kernel(kind):
+    q = rq.Quantizer(128, 3, rotation=kind, seed=2)
     storage = torch.from_numpy(random_rows(101 * 128 + 1, 1, seed=3).reshape(-1)).to(DEVICE)
     x = storage[1:].view(101, 128)  # 4-byte but not 16-byte aligned
     check_codes_canonical(q, x.cpu().numpy(), q.encode(x))
@@ -675,11 +676,7 @@ def test_dense_tensor_core_encode_rows_on_the_boundaries(dim, bits):
     check_codes_canonical(q, x, q.encode(torch.from_numpy(x).to(DEVICE)))
 
 
-def test_dense_unaligned_input_and_other_dims_use_the_general_kernel():
-    q = rq.Quantizer(128, 3, rotation="dense", seed=2)
-    storage = torch.from_numpy(random_rows(101 * 128 + 1, 1, seed=3).reshape(-1)).to(DEVICE)
-    x = storage[1:].view(101, 128)  # 4-byte but not 16-byte aligned
-    check_codes_canonical(q, x.cpu().numpy(), q.encode(x))
+def test_dense_other_dims_and_bits_use_the_general_kernel():
     for dim, bits in ((256, 3), (96, 4), (128, 1), (128, 5)):
         q = rq.Quantizer(dim, bits, rotation="dense", seed=dim)
         x = random_rows(301, dim, seed=bits)
