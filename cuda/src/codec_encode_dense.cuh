@@ -14,8 +14,11 @@
 //     sum_j M_ij u_j - sum_j h(M_ij) h(u_j) = sum_j (M_ij - h(M_ij)) u_j + sum_j h(M_ij) (u_j - h(u_j))
 //       <= ||M_i - h(M_i)|| ||u|| + ||h(M_i)|| ||u - h(u)||                       (Cauchy-Schwarz)
 //     + the tensor cores' fp32 accumulation: <= 32 ulp-units (2^-23) of (|c| + sum_k |a_k b_k|) per mma, i.e.
-//       (P / 16) 2^-17 ||h(M_i)|| ||h(u)|| in all (products of fp16 values are exact in fp32; the 32 units are a
-//       wide margin over the truncating alignment adder measured on Volta..Hopper, <= 17 units for 16 terms + c)
+//       (P / 16) 2^-17 ||h(M_i)|| ||h(u)|| in all (products of fp16 values are exact in fp32; the published
+//       measurements of the adder, Volta..Ampere: addends aligned to the largest exponent and truncated, then one
+//       normalization, i.e. < 1 unit of the largest addend per addend: <= 17 + 1 units for 16 products and c, and a
+//       unit of the largest addend is <= 2^-23 (|c| + sum |a_k b_k|); 32 leaves a 1.8x margin; the tests on rows
+//       sitting on the boundaries are the empirical check on this hardware)
 //     + the canonical chain's own rounding: gamma_P ||M_i|| ||u||, gamma_P = P 2^-24 / (1 - P 2^-24)
 //     + the roundings of y -+ eps (2^-23 for |y| < 2).
 //   The host (codec_encode_dense.cu) takes the maxima over i in double and gives eps = base + slope ||u - h(u)||
