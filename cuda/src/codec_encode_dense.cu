@@ -131,7 +131,7 @@ bool launch_encode_dense(const float* x, const CodecArgs& args, const float* bou
   if (args.levels != 4 && args.levels != 8 && args.levels != 16) return false;
   if (args.dim != args.padded_dim) return false;
   FastBoundaries table{};
-  for (int k = 0; k < args.levels - 1; ++k) table.value[k] = boundaries[k];
+  if (!set_symmetric_boundaries(boundaries, args.levels, &table)) return false;  // the decision's index search
   const DenseBound bound{base, slope};
   switch (args.dim) {
     case 64: return launch_bits<64>(x, args, table, fragments, bound, multiprocessor_count, stream);

@@ -50,7 +50,14 @@ namespace codec {
 constexpr int kDenseWarps = 12;  // one block per SM at d = 128 (shared memory), two at d = 64
 constexpr int kDenseThreads = kDenseWarps * 32;
 constexpr int kDenseTileRows = 16;
-constexpr int kFallbackRound = 64;  // flagged outputs per round of the exact fallback (two per lane)
+// Independent fmaf chains per lane in a round of the exact fallback: 4 at 4 bits (~3 % of the outputs flagged, ~67
+// per 16-row tile: one round), 2 otherwise.
+template <int Bits>
+struct DenseFallback {
+  static constexpr int kChains = Bits == 4 ? 4 : 2;
+  static constexpr int kRound = 32 * kChains;  // flagged outputs per round
+};
+constexpr int kMaxFallbackRound = 128;
 
 template <int P>
 struct DenseLayout {
@@ -164,6 +171,7 @@ __global__ void __launch_bounds__(kDenseThreads, 1)
   float* stage_all = reinterpret_cast<float*>(dense_shared + L::kFragmentBytes + L::kMatrixBytes);
   __shared__ double centroid_squares[kLevels];  // (double)c * (double)c, exact (norm correction)
   __shared__ float boundary_table[kLevels];     // the boundaries, then +inf
+  constexpr int kChains = DenseFallback<Bits>::kChains, kFallbackRound = DenseFallback<Bits>::kRound;
   __shared__ unsigned short fallback_queue[kDenseWarps][kFallbackRound];  // row (8 bits), output (8 bits)
   __shared__ unsigned char fallback_result[kDenseWarps][kFallbackRound];  // its index
 
@@ -299,7 +307,7 @@ __global__ void __launch_bounds__(kDenseThreads, 1)
     // branch-free: a flagged output inserts index 0 (nothing) and adds 0 to the centroid sum (nothing); zero and
     // non-finite rows have eps = 0 and y = +-0 (u = +-0): the index of 0.0f, never flagged
     auto decide = [&](float y, float eps, int p, Planes& planes, unsigned& flags, double& centroid) {
-      const int low = count_boundaries<Bits>(boundary, __fsub_rn(y, eps));
+      const int low = symmetric_index<Bits>(boundary, __fsub_rn(y, eps));
       // the first boundary above y - eps lies above y + eps too: no boundary in the window, the index is `low`
       const bool flagged = boundary_table[low] <= __fadd_rn(y, eps);
       flags |= static_cast<unsigned>(flagged) << p;
@@ -330,9 +338,9 @@ __global__ void __launch_bounds__(kDenseThreads, 1)
     }
 
     // 5. the flagged outputs: the canonical chain over the staged u. The warp's flagged outputs are ranked (lane
-    //    order, then row a before b, then position) and taken 64 per round, two independent chains per lane (the
-    //    chain is a dependent fmaf sequence: two hide each other's latency): lane l of round R runs ranks R + l and
-    //    R + 32 + l. The owner of a rank posts it to queue[rank - R] and reads its index back from
+    //    order, then row a before b, then position) and taken 32 kChains per round, kChains independent chains
+    //    per lane (the chain is a dependent fmaf sequence: they hide each other's latency): lane l of round R runs
+    //    ranks R + l, R + 32 + l, ... The owner of a rank posts it to queue[rank - R] and reads its index back from
     //    result[rank - R], walking its flags in rank order both times.
     {
       const int count = __popc(flags_a) + __popc(flags_b);
@@ -355,30 +363,40 @@ __global__ void __launch_bounds__(kDenseThreads, 1)
         __syncwarp();
         const int items = total - round;
         if (lane < items) {
-          const bool second = lane + 32 < items;
-          const unsigned item0 = queue[lane], item1 = second ? queue[lane + 32] : item0;
-          const float* m_row0 = matrix_shared + (item0 & 255u) * L::kMatrixStride;
-          const float* u_row0 = stage + (item0 >> 8) * STRIDE;
-          const float* m_row1 = matrix_shared + (item1 & 255u) * L::kMatrixStride;
-          const float* u_row1 = stage + (item1 >> 8) * STRIDE;
-          float acc0 = 0.0f, acc1 = 0.0f;
-#pragma unroll 4
-          for (int j = 0; j < P; j += 4) {
-            const float4 m0 = *reinterpret_cast<const float4*>(m_row0 + j);
-            const float4 u0 = *reinterpret_cast<const float4*>(u_row0 + j);
-            const float4 m1 = *reinterpret_cast<const float4*>(m_row1 + j);
-            const float4 u1 = *reinterpret_cast<const float4*>(u_row1 + j);
-            acc0 = __fmaf_rn(m0.x, u0.x, acc0);
-            acc1 = __fmaf_rn(m1.x, u1.x, acc1);
-            acc0 = __fmaf_rn(m0.y, u0.y, acc0);
-            acc1 = __fmaf_rn(m1.y, u1.y, acc1);
-            acc0 = __fmaf_rn(m0.z, u0.z, acc0);
-            acc1 = __fmaf_rn(m1.z, u1.z, acc1);
-            acc0 = __fmaf_rn(m0.w, u0.w, acc0);
-            acc1 = __fmaf_rn(m1.w, u1.w, acc1);
+          const float* m_row[kChains];
+          const float* u_row[kChains];
+#pragma unroll
+          for (int c = 0; c < kChains; ++c) {  // chains beyond the round's items repeat the first one
+            const unsigned item = queue[lane + 32 * c < items ? lane + 32 * c : lane];
+            m_row[c] = matrix_shared + (item & 255u) * L::kMatrixStride;
+            u_row[c] = stage + (item >> 8) * STRIDE;
           }
-          result[lane] = static_cast<unsigned char>(count_boundaries<Bits>(boundary, acc0));
-          if (second) result[lane + 32] = static_cast<unsigned char>(count_boundaries<Bits>(boundary, acc1));
+          float acc[kChains];
+#pragma unroll
+          for (int c = 0; c < kChains; ++c) acc[c] = 0.0f;
+#pragma unroll 2
+          for (int j = 0; j < P; j += 4) {
+            float4 m[kChains], u[kChains];
+#pragma unroll
+            for (int c = 0; c < kChains; ++c) {
+              m[c] = *reinterpret_cast<const float4*>(m_row[c] + j);
+              u[c] = *reinterpret_cast<const float4*>(u_row[c] + j);
+            }
+#pragma unroll
+            for (int c = 0; c < kChains; ++c) acc[c] = __fmaf_rn(m[c].x, u[c].x, acc[c]);
+#pragma unroll
+            for (int c = 0; c < kChains; ++c) acc[c] = __fmaf_rn(m[c].y, u[c].y, acc[c]);
+#pragma unroll
+            for (int c = 0; c < kChains; ++c) acc[c] = __fmaf_rn(m[c].z, u[c].z, acc[c]);
+#pragma unroll
+            for (int c = 0; c < kChains; ++c) acc[c] = __fmaf_rn(m[c].w, u[c].w, acc[c]);
+          }
+#pragma unroll
+          for (int c = 0; c < kChains; ++c) {
+            if (lane + 32 * c < items) {
+              result[lane + 32 * c] = static_cast<unsigned char>(count_boundaries<Bits>(boundary, acc[c]));
+            }
+          }
         }
         __syncwarp();
         for (; next < inclusive && next < round + kFallbackRound; ++next) {
