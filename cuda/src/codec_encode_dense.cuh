@@ -8,7 +8,8 @@
 //   whenever no boundary lies in (y_approx - eps, y_approx + eps]. Coordinates with a boundary in that window
 //   (about 1 / 2 / 3 % of them at 2 / 3 / 4 bits on Gaussian data) are recomputed with the canonical chain
 //   acc = fmaf(M[i][j], u_j, acc), j ascending, from the exact float32 u and the float32 M, both staged in shared
-//   memory (a fallback reading M from L2 measured 1.2-1.5x slower for the whole kernel). docs/cuda_codec.md "Dense encode on tensor cores" has the proof.
+//   memory (a fallback reading M from L2 measured 1.2-1.5x slower for the whole kernel). docs/cuda_codec.md
+//   "Dense encode on tensor cores" has the proof and the measurements.
 //
 //   The bound, for output i of a row with normalized input u (||u|| <= 1 + 2^-23) and h() = fp16 rounding:
 //     sum_j M_ij u_j - sum_j h(M_ij) h(u_j) = sum_j (M_ij - h(M_ij)) u_j + sum_j h(M_ij) (u_j - h(u_j))
