@@ -256,18 +256,23 @@ def test_encode_real_kv_cache(kind):
         check_codes_canonical(q, x, q.encode(torch.from_numpy(x).to(DEVICE)))
 
 
-def test_encode_rejects_non_finite_and_overflow_like_the_cpu():
-    q = rq.Quantizer(64, 2, rotation="hadamard")
-    x = torch.randn(50, 64, device=DEVICE)
+@pytest.mark.parametrize("kind", ["hadamard", "dense", "rotor3"])  # the fast, tensor-core and general kernels
+@pytest.mark.parametrize("dim", [64, 96])
+def test_encode_rejects_non_finite_and_overflow_like_the_cpu(kind, dim):
+    q = rq.Quantizer(dim, 2, rotation=kind)
+    x = torch.randn(50, dim, device=DEVICE)
     x[17, 3] = float("nan")
     x[30, 0] = float("inf")
     with pytest.raises(ValueError, match="row 17"):
         q.encode(x)
-    big = torch.full((4, 64), 1e4, device=DEVICE)  # norm 8e4 > 65504
-    with pytest.raises(ValueError, match="overflows float16"):
+    big = torch.full((4, dim), 1e4, device=DEVICE)  # norm >= 8e4 > 65504
+    big[:2] = 1.0
+    with pytest.raises(ValueError, match="row 2 overflows float16"):
         q.encode(big)
-    q32 = rq.Quantizer(64, 2, rotation="hadamard", norm_dtype="float32")
-    assert q32.encode(big).device == "cuda:0"
+    q32 = rq.Quantizer(dim, 2, rotation=kind, norm_dtype="float32")
+    codes = q32.encode(big)
+    assert codes.device == "cuda:0"
+    check_codes_canonical(q32, big.cpu().numpy(), codes)
 
 
 def test_unsupported_padded_dim_is_a_clear_error():
