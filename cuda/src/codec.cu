@@ -14,6 +14,7 @@
 #include "codec_encode_dense.hpp"
 #include "codec_encode_fast.hpp"
 #include "codec_kernels.cuh"
+#include "resident_blocks.hpp"
 #include "rotorquant/cuda/codec.hpp"
 #include "rotorquant/cuda/rotation.hpp"
 #include "rotorquant/error.hpp"
@@ -56,9 +57,7 @@ int chunks_for(std::int64_t padded_dim) {
 }
 
 unsigned grid_for(std::int64_t warp_tiles, int multiprocessor_count) {
-  const std::int64_t blocks = (warp_tiles + codec::kWarps - 1) / codec::kWarps;
-  const std::int64_t cap = static_cast<std::int64_t>(multiprocessor_count) * kBlocksPerMultiprocessor;
-  return static_cast<unsigned>(std::max<std::int64_t>(1, std::min(blocks, cap)));
+  return tile_grid(warp_tiles, codec::kWarps, multiprocessor_count, kBlocksPerMultiprocessor);
 }
 
 template <int C>

@@ -89,9 +89,7 @@ bool launch(const float* x, const CodecArgs& args, const FastBoundaries& boundar
   const int blocks_per_multiprocessor = resident_blocks(kernel, kDenseThreads, kShared, 0, cache);
   if (blocks_per_multiprocessor < 1) return false;  // the shared memory does not fit: the general kernel runs
   const std::int64_t tiles = (args.n + kDenseTileRows - 1) / kDenseTileRows;
-  const std::int64_t blocks = (tiles + kDenseWarps - 1) / kDenseWarps;
-  const std::int64_t cap = static_cast<std::int64_t>(multiprocessor_count) * blocks_per_multiprocessor;
-  const unsigned grid = static_cast<unsigned>(std::max<std::int64_t>(1, std::min(blocks, cap)));
+  const unsigned grid = tile_grid(tiles, kDenseWarps, multiprocessor_count, blocks_per_multiprocessor);
   kernel<<<grid, kDenseThreads, kShared, stream>>>(x, args, boundaries, bound, reinterpret_cast<const uint4*>(fragments));
   return true;
 }

@@ -149,14 +149,6 @@ __device__ __forceinline__ void store_plane_bytes(std::uint8_t* dst, const unsig
   for (int k = 0; k < Bytes; ++k) dst[k] = static_cast<std::uint8_t>(words[k / 4] >> (8 * (k % 4)));
 }
 
-// u = (float)((double)x / norm), correctly rounded (Markstein, as encode_fast_kernel).
-__device__ __forceinline__ float dense_unit(float x, double norm, double reciprocal) {
-  const double numerator = static_cast<double>(x);
-  const double quotient = __dmul_rn(numerator, reciprocal);
-  const double remainder = __fma_rn(-quotient, norm, numerator);
-  return __double2float_rn(__fma_rn(remainder, reciprocal, quotient));
-}
-
 template <int P, int Bits, bool NormCorrection>
 __global__ void __launch_bounds__(kDenseThreads, 1)
     encode_dense_kernel(const float* __restrict__ x, CodecArgs args, FastBoundaries boundary, DenseBound bound,
@@ -262,14 +254,14 @@ __global__ void __launch_bounds__(kDenseThreads, 1)
 #pragma unroll
     for (int s = 0; s < S; ++s) {
       float4 ua, ub;
-      ua.x = dense_unit(xa[s].x, norm_a, reciprocal_a);
-      ua.y = dense_unit(xa[s].y, norm_a, reciprocal_a);
-      ua.z = dense_unit(xa[s].z, norm_a, reciprocal_a);
-      ua.w = dense_unit(xa[s].w, norm_a, reciprocal_a);
-      ub.x = dense_unit(xb[s].x, norm_b, reciprocal_b);
-      ub.y = dense_unit(xb[s].y, norm_b, reciprocal_b);
-      ub.z = dense_unit(xb[s].z, norm_b, reciprocal_b);
-      ub.w = dense_unit(xb[s].w, norm_b, reciprocal_b);
+      ua.x = unit_quotient(xa[s].x, norm_a, reciprocal_a);
+      ua.y = unit_quotient(xa[s].y, norm_a, reciprocal_a);
+      ua.z = unit_quotient(xa[s].z, norm_a, reciprocal_a);
+      ua.w = unit_quotient(xa[s].w, norm_a, reciprocal_a);
+      ub.x = unit_quotient(xb[s].x, norm_b, reciprocal_b);
+      ub.y = unit_quotient(xb[s].y, norm_b, reciprocal_b);
+      ub.z = unit_quotient(xb[s].z, norm_b, reciprocal_b);
+      ub.w = unit_quotient(xb[s].w, norm_b, reciprocal_b);
       *reinterpret_cast<float4*>(stage + g * STRIDE + 16 * s + 4 * r) = ua;
       *reinterpret_cast<float4*>(stage + (g + 8) * STRIDE + 16 * s + 4 * r) = ub;
       a_frag[s][0] = pack_half2(ua.x, ua.y);  // row g, k-slots 2r, 2r + 1

@@ -1,7 +1,6 @@
 // Launches of the fast encode kernel (codec_encode_fast.cuh). Compiled with --fmad=false (see CMakeLists.txt).
 #include "codec_encode_fast.hpp"
 
-#include <algorithm>
 #include <cstdint>
 
 #include "codec_encode_fast.cuh"
@@ -21,9 +20,7 @@ void launch_variant(const float* x, const CodecArgs& args, const FastBoundaries&
   const int blocks_per_multiprocessor = resident_blocks(kernel, kThreads, 0, FastVariant<Variant>::kMinBlocksPerSM, cache);
   // persistent grid: one resident wave, warps loop over tiles
   const std::int64_t tiles = (args.n + FastLayout<P, Variant>::kRowsPerTile - 1) / FastLayout<P, Variant>::kRowsPerTile;
-  const std::int64_t blocks = (tiles + kWarps - 1) / kWarps;
-  const std::int64_t cap = static_cast<std::int64_t>(multiprocessor_count) * blocks_per_multiprocessor;
-  const unsigned grid = static_cast<unsigned>(std::max<std::int64_t>(1, std::min(blocks, cap)));
+  const unsigned grid = tile_grid(tiles, kWarps, multiprocessor_count, blocks_per_multiprocessor);
   kernel<<<grid, kThreads, 0, stream>>>(x, args, boundaries);
 }
 

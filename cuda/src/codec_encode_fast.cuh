@@ -413,12 +413,7 @@ __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerS
       for (int c = 0; c < CH; ++c) {
         const float in[4] = {current[s][c].x, current[s][c].y, current[s][c].z, current[s][c].w};
 #pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          const double numerator = static_cast<double>(in[t]);
-          const double quotient = __dmul_rn(numerator, reciprocal);
-          const double remainder = __fma_rn(-quotient, norm, numerator);
-          u[c][t] = __double2float_rn(__fma_rn(remainder, reciprocal, quotient));
-        }
+        for (int t = 0; t < 4; ++t) u[c][t] = unit_quotient(in[t], norm, reciprocal);
       }
       // 3. rotation
       float y[CH][4];

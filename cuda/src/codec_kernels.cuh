@@ -103,6 +103,17 @@ __device__ __forceinline__ float warp_sum(float value) {
   return value;
 }
 
+// u = (float)((double)x / norm) of the canonical encode, correctly rounded, from the correctly rounded reciprocal
+// r = RN(1 / norm) and one FMA correction (Markstein): q = RN(x r), e = fma(-q, norm, x) (exact),
+// RN(x / norm) = fma(e, r, q), then one rounding to float; one division per row instead of one per coordinate.
+// (norm 0 with reciprocal 0 gives +-0 for finite x.)
+__device__ __forceinline__ float unit_quotient(float x, double norm, double reciprocal) {
+  const double numerator = static_cast<double>(x);
+  const double quotient = __dmul_rn(numerator, reciprocal);
+  const double remainder = __fma_rn(-quotient, norm, numerator);
+  return __double2float_rn(__fma_rn(remainder, reciprocal, quotient));
+}
+
 // Number of float32 boundaries b with b <= y (ties to the upper cell), the CPU's branch-free search.
 __device__ __forceinline__ int quantize(const float* boundaries, int levels, float y) {
   int index = 0;
@@ -378,16 +389,10 @@ __global__ void __launch_bounds__(kThreads, kEncodeMinBlocksPerSM) encode_kernel
       const double row_reciprocal = __shfl_sync(kFullMask, lane_reciprocal, k);
       const double value = all_finite[k] ? row_norm : 0.0;
       norm[k] = value;
-      // u_j = (float)((double)x_j / norm): the correctly rounded double quotient from the correctly rounded
-      // reciprocal and one FMA correction (Markstein), then rounded to float; one division per row.
+      // u_j = (float)((double)x_j / norm) (unit_quotient)
       const double reciprocal = value == 0.0 ? 0.0 : row_reciprocal;
 #pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const double numerator = static_cast<double>(v[k][c]);
-        const double quotient = __dmul_rn(numerator, reciprocal);
-        const double remainder = fma(-quotient, value, numerator);
-        v[k][c] = value == 0.0 ? 0.0f : static_cast<float>(fma(remainder, reciprocal, quotient));
-      }
+      for (int c = 0; c < C; ++c) v[k][c] = value == 0.0 ? 0.0f : unit_quotient(v[k][c], value, reciprocal);
     }
     // 3. rotation y = Pi u; the rotated rows end in the warp's shared buffer (row k at buffer + k * W)
     if (Kind == kHadamard) {
