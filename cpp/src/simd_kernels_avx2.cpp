@@ -128,19 +128,10 @@ inline void unit_chunk8(const float* x, double norm, double inv, __m256d inv_nor
 
 void normalize_vec(const float* x, std::int64_t dim, std::int64_t rows, double* norms, float* unit,
                    std::int64_t unit_stride, const float* next, std::int64_t next_rows) {
-  std::int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    double norm_sq[4];
-    norms_squared_rows<4>(x + r * dim, dim, norm_sq);
-    for (int k = 0; k < 4; ++k) norms[r + k] = __builtin_sqrt(norm_sq[k]);
-  }
-  for (; r < rows; ++r) {
-    double norm_sq;
-    norms_squared_rows<1>(x + r * dim, dim, &norm_sq);
-    norms[r] = __builtin_sqrt(norm_sq);
-  }
+  row_norms<norms_squared_rows<4>, norms_squared_rows<1>>(x, dim, rows, norms);
   const UnitChunkConstants constants;
-  for (r = 0; r < rows; ++r) {
+  std::int64_t r = 0;
+  for (; r < rows; ++r) {
     const float* row = x + r * dim;
     float* u = unit + r * unit_stride;
     const double norm = norms[r];

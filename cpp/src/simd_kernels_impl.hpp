@@ -552,6 +552,24 @@ inline double tail_sum_of_squares(const float* row, std::int64_t from, std::int6
   return tail;
 }
 
+// norms[r] = sqrt of row r's sum of squares for the vector builds, whose SumsOfSquares<R>(x, dim, out) sums R
+// consecutive rows at once (R = 4 hides the accumulator chains' latency; the last rows % 4 one by one).
+using SumsOfSquares = void (*)(const float* x, std::int64_t dim, double* norm_sq);
+template <SumsOfSquares Four, SumsOfSquares One>
+inline void row_norms(const float* x, std::int64_t dim, std::int64_t rows, double* norms) {
+  std::int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    double norm_sq[4];
+    Four(x + r * dim, dim, norm_sq);
+    for (int k = 0; k < 4; ++k) norms[r + k] = __builtin_sqrt(norm_sq[k]);
+  }
+  for (; r < rows; ++r) {
+    double norm_sq;
+    One(x + r * dim, dim, &norm_sq);
+    norms[r] = __builtin_sqrt(norm_sq);
+  }
+}
+
 inline double norm_squared_scalar(const float* __restrict row, std::int64_t dim) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   std::int64_t j = 0;
