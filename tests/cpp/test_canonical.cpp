@@ -423,6 +423,19 @@ std::vector<float> filler_for_norm(double target) {
   return {f1, f2, f3, f4};
 }
 
+// Calls visit(m, N) for every odd m in 3..301 and every double N within a few ulps of 2 / m with RN(1 / N) = m / 2
+// exactly (the norms of the midpoint test below).
+template <typename Visit>
+void for_each_norm_with_half_odd_reciprocal(Visit&& visit) {
+  for (int m = 3; m <= 301; m += 2) {
+    double candidate = 2.0 / m;
+    for (int step = 0; step < 3; ++step) candidate = std::nextafter(candidate, 0.0);
+    for (int step = 0; step < 7; ++step, candidate = std::nextafter(candidate, 1.0)) {
+      if (1.0 / candidate == m / 2.0) visit(m, candidate);
+    }
+  }
+}
+
 TEST(normalize_kernel_is_the_division_next_to_float_midpoints) {
   // Rows whose norm N has RN(1 / N) = m / 2 exactly (m odd; N a few doubles away from 2 / m), and coordinates
   // x = X * 2^e with X * m odd and 2^24 <= X * m < 2^25: then x * RN(1 / N) is exactly X * m / 2 * 2^e, a
@@ -433,64 +446,48 @@ TEST(normalize_kernel_is_the_division_next_to_float_midpoints) {
   std::uint64_t counter = 0;
   NormalizeCheck check;
   int built = 0, norm_as_built = 0;
-  for (int m = 3; m <= 301; m += 2) {
-    const double half_m = m / 2.0;
-    double candidate = 2.0 / m;
-    for (int step = 0; step < 3; ++step) candidate = std::nextafter(candidate, 0.0);
-    for (int step = 0; step < 7; ++step, candidate = std::nextafter(candidate, 1.0)) {
-      if (1.0 / candidate != half_m) continue;
-      const int k = static_cast<int>(counter % 9) * 11 - 40;  // norms from 2^-40 to 2^48
-      const double target = std::ldexp(candidate, k);
-      const std::int64_t dim = 8 * (5 + static_cast<std::int64_t>(counter % 12));  // 40 .. 128: no tail
-      std::vector<float> x(static_cast<std::size_t>(dim), 0.0f);
-      const std::vector<float> filler = filler_for_norm(target);
-      std::copy(filler.begin(), filler.end(), x.begin());
-      // X * m in [1.25 * 2^24, 2^25): the upper part of the binade, where a double ulp is the smallest relative step
-      const std::int64_t low = ((std::int64_t{5} << 22) + m - 1) / m, high = ((std::int64_t{1} << 25) - 1) / m;
-      for (std::int64_t j = 4; j < dim; ++j) {
-        std::int64_t mantissa = low + static_cast<std::int64_t>(stream.bits_at(counter++) % (high - low + 1));
-        mantissa |= 1;  // X odd (m odd): X * m odd
-        if (mantissa > high) mantissa -= 2;
-        const float sign = stream.bits_at(counter++) & 1 ? -1.0f : 1.0f;
-        x[j] = sign * std::ldexp(static_cast<float>(mantissa), k - 60 - 24 + static_cast<int>(j % 5));
-      }
-      ++built;
-      norm_as_built += kernel_order_norm(x.data(), dim) == target ? 1 : 0;
-      check_normalize(x, dim, &check);
-    }
-  }
+  // a row of dim coordinates: the filler for norm target at 0..3, then coordinate(j) for j >= 4
+  const auto check_row = [&](double target, std::int64_t dim, auto&& coordinate) {
+    std::vector<float> x(static_cast<std::size_t>(dim), 0.0f);
+    const std::vector<float> filler = filler_for_norm(target);
+    std::copy(filler.begin(), filler.end(), x.begin());
+    for (std::int64_t j = 4; j < dim; ++j) x[j] = coordinate(j);
+    ++built;
+    norm_as_built += kernel_order_norm(x.data(), dim) == target ? 1 : 0;
+    check_normalize(x, dim, &check);
+  };
+  for_each_norm_with_half_odd_reciprocal([&](int m, double candidate) {
+    const int k = static_cast<int>(counter % 9) * 11 - 40;  // norms from 2^-40 to 2^48
+    const double target = std::ldexp(candidate, k);
+    const std::int64_t dim = 8 * (5 + static_cast<std::int64_t>(counter % 12));  // 40 .. 128: no tail
+    // X * m in [1.25 * 2^24, 2^25): the upper part of the binade, where a double ulp is the smallest relative step
+    const std::int64_t low = ((std::int64_t{5} << 22) + m - 1) / m, high = ((std::int64_t{1} << 25) - 1) / m;
+    check_row(target, dim, [&](std::int64_t j) {
+      std::int64_t mantissa = low + static_cast<std::int64_t>(stream.bits_at(counter++) % (high - low + 1));
+      mantissa |= 1;  // X odd (m odd): X * m odd
+      if (mantissa > high) mantissa -= 2;
+      const float sign = stream.bits_at(counter++) & 1 ? -1.0f : 1.0f;
+      return sign * std::ldexp(static_cast<float>(mantissa), k - 60 - 24 + static_cast<int>(j % 5));
+    });
+  });
   const int hard_normal = check.hard;
   // Subnormal results: the same norms times 2^100, x = X * 2^-49 with X * m odd: x * RN(1 / N) = X * m * 2^-150 is
   // an odd multiple of 2^-150, a midpoint between two subnormal floats (or, for X * m near 2^24, next to 2^-126).
-  for (int m = 3; m <= 301; m += 2) {
-    const double half_m = m / 2.0;
-    double candidate = 2.0 / m;
-    for (int step = 0; step < 3; ++step) candidate = std::nextafter(candidate, 0.0);
-    for (int step = 0; step < 7; ++step, candidate = std::nextafter(candidate, 1.0)) {
-      if (1.0 / candidate != half_m) continue;
-      const double target = std::ldexp(candidate, 100);
-      const std::int64_t dim = 64;
-      std::vector<float> x(static_cast<std::size_t>(dim), 0.0f);
-      const std::vector<float> filler = filler_for_norm(target);
-      std::copy(filler.begin(), filler.end(), x.begin());
-      for (std::int64_t j = 4; j < dim; ++j) {
-        std::int64_t mantissa;
-        if (j < 12) {  // X * m next to 2^24 (quotients next to 2^-126, the smallest normal float)
-          mantissa = (std::int64_t{1} << 24) / m + (j - 8);
-        } else {  // X * m in the upper part of a random binade
-          const int binade = 2 + static_cast<int>(stream.bits_at(counter++) % 22);  // X * m in [2^binade, 2^(binade+1))
-          const std::int64_t low = ((std::int64_t{5} << binade) / 4 + m - 1) / m;
-          const std::int64_t high = std::max(low, ((std::int64_t{2} << binade) - 1) / m);
-          mantissa = low + static_cast<std::int64_t>(stream.bits_at(counter++) % (high - low + 1));
-        }
-        mantissa |= 1;
-        x[j] = (j % 2 ? -1.0f : 1.0f) * std::ldexp(static_cast<float>(mantissa), -49);
+  for_each_norm_with_half_odd_reciprocal([&](int m, double candidate) {
+    check_row(std::ldexp(candidate, 100), 64, [&](std::int64_t j) {
+      std::int64_t mantissa;
+      if (j < 12) {  // X * m next to 2^24 (quotients next to 2^-126, the smallest normal float)
+        mantissa = (std::int64_t{1} << 24) / m + (j - 8);
+      } else {  // X * m in the upper part of a random binade
+        const int binade = 2 + static_cast<int>(stream.bits_at(counter++) % 22);  // X * m in [2^binade, 2^(binade+1))
+        const std::int64_t low = ((std::int64_t{5} << binade) / 4 + m - 1) / m;
+        const std::int64_t high = std::max(low, ((std::int64_t{2} << binade) - 1) / m);
+        mantissa = low + static_cast<std::int64_t>(stream.bits_at(counter++) % (high - low + 1));
       }
-      ++built;
-      norm_as_built += kernel_order_norm(x.data(), dim) == target ? 1 : 0;
-      check_normalize(x, dim, &check);
-    }
-  }
+      mantissa |= 1;
+      return (j % 2 ? -1.0f : 1.0f) * std::ldexp(static_cast<float>(mantissa), -49);
+    });
+  });
   const int hard_subnormal = check.hard - hard_normal;
   std::printf("normalize: %d adversarial rows (%d with the norm as built), coordinates where the product alone "
               "rounds differently: %d normal, %d subnormal\n", check.rows, norm_as_built, hard_normal, hard_subnormal);
