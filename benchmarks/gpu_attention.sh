@@ -60,6 +60,46 @@ if [ -n "${PROFILE:-}" ]; then
   fi
 fi
 
+if [ -n "${STALLS:-}" ]; then  # stall reasons and shared-memory wavefronts of the tensor-core split kernel, K/V bits
+  # from STALL_BITS (default "3/3"), GQA 4, B = 32, 8K tokens
+  cat > /tmp/rq_attention_one.py <<'PY'
+import sys
+import torch
+import rotorquant as rq
+
+device = torch.device("cuda", 0)
+batch, context, group = 32, 8192, 4
+for pair in sys.argv[1:]:
+    kb, vb = (int(x) for x in pair.split("/"))
+    kq = [rq.Quantizer(128, kb, rotation="hadamard", seed=h) for h in range(8)]
+    vq = [rq.Quantizer(128, vb, rotation="hadamard", seed=100 + h) for h in range(8)]
+    att = rq.DecodeAttention(kq, vq)
+    ki = torch.randint(0, 256, (batch, 8, context, kq[0]._native.index_bytes), dtype=torch.uint8, device=device)
+    vi = torch.randint(0, 256, (batch, 8, context, vq[0]._native.index_bytes), dtype=torch.uint8, device=device)
+    norms = (torch.rand(batch, 8, context, device=device) + 1).half().view(torch.uint8).view(batch, 8, context, 2)
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q = torch.randn(batch, 8 * group, 128, device=device, dtype=torch.float16)
+    out = att(q, ki, norms, vi, norms, lengths)
+    torch.cuda.synchronize()
+    print(pair, float(out.float().abs().mean()), flush=True)
+PY
+  NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
+  reasons="long_scoreboard short_scoreboard mio_throttle math_pipe_throttle wait barrier not_selected selected \
+    dispatch_stall lg_throttle tex_throttle no_instruction branch_resolving drain membar sleeping imc_miss misc"
+  metrics="smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active"
+  metrics="$metrics,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_shared_ld.sum"
+  metrics="$metrics,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,sm__cycles_elapsed.avg,gpu__time_duration.sum"
+  metrics="$metrics,sm__pipe_shared_cycles_active.avg.pct_of_peak_sustained_active,l1tex__throughput.avg.pct_of_peak_sustained_active"
+  metrics="$metrics,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,smsp__inst_executed_op_shfl.sum"
+  metrics="$metrics,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed"
+  for reason in $reasons; do metrics="$metrics,smsp__average_warps_issue_stalled_${reason}_per_issue_active.ratio"; done
+  if [ -n "$NCU" ]; then
+    timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --metrics "$metrics" -k regex:"split_mma" \
+      python3 /tmp/rq_attention_one.py ${STALL_BITS:-3/3} > "$OUT/ncu_stalls.txt" 2>&1
+    note "ncu stalls exit: $?"
+  fi
+fi
+
 if [ -n "${SASS:-}" ]; then  # opcode histogram of one tensor-core split kernel (<128, 3, 3>)
   CUOBJDUMP="$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null || true)"
   LIB="$(python3 -c 'import rotorquant._core as c; print(c.__file__)')"

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -12,6 +13,7 @@
 #include "attention_kernels.cuh"
 #include "attention_mma.cuh"
 #include "check.cuh"
+#include "resident_blocks.hpp"
 #include "rotorquant/cuda/attention.hpp"
 #include "rotorquant/decode_attention.hpp"
 #include "rotorquant/error.hpp"
@@ -72,8 +74,13 @@ void launch_split(const attention::KernelArgs& a, dim3 grid, cudaStream_t stream
     attention::split_kernel<P, G, KB, VB><<<grid, attention::kSplitWarps * 32, 0, stream>>>(a);
     return;
   }
-  attention::split_mma_kernel<P, KB, VB>
-      <<<dim3(grid.x - 1, grid.y, grid.z), attention::kSplitWarps * 32, 0, stream>>>(a);
+  auto kernel = attention::split_mma_kernel<P, KB, VB>;
+  constexpr int kShared = attention::SplitMmaShared<P>::kBytes;
+  if constexpr (kShared > 48 * 1024) {  // raises the kernel's dynamic shared-memory limit, once per device
+    static std::atomic<int> cache[kCachedDevices] = {};
+    resident_blocks(kernel, attention::kSplitWarps * 32, kShared, 1, cache);
+  }
+  kernel<<<dim3(grid.x - 1, grid.y, grid.z), attention::kSplitWarps * 32, kShared, stream>>>(a);
   if (a.fp_lengths) {
     attention::KernelArgs window = a;
     window.split_offset = a.num_splits;

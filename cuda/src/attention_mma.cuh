@@ -117,25 +117,39 @@ struct CodeSlice {
   }
 };
 
-// Shared address in the pair table at `table` of the pair field `pair` (the coordinates 2 pair, 2 pair + 1 of plane words laid out
-// like a code slice, or the token-interleaved words of two slices): plane-0 field of 2 W0 bits, plane-1 field of 2.
+// Bank-private copies of the pair tables. A warp's 32 lanes look up data-dependent entries; with one copy, two lanes
+// reading different entries of one bank serialize (ncu, B = 32, 8K tokens: 2.15 shared wavefronts per lookup at
+// K3/V3, 3.2 at K4/V4, the L1/shared pipe 87-95 % busy: the kernel's limit). Entry e of copy c sits at word e C + c
+// and lane l reads copy l % C:
+// - 3 bits (64 entries): C = 32, every lane its own bank, one wavefront per lookup;
+// - 4 bits (256 entries): C = 8, lanes l, l + 8, l + 16, l + 24 share 4 banks (bank 8 (e % 4) + l % 8);
+// - 2 bits (16 entries): C = 1, the entries already sit in distinct banks.
+// Every table takes at most kTableSlot bytes (64 x 32 x 4 = 256 x 8 x 4 = 8192) and starts at a multiple of it, so
+// a table's address ORed with a field's shifted bits and the lane's copy offset is the entry's address (no add).
+template <int Bits>
+struct PairCopies {
+  static constexpr int kLog2 = Bits == 2 ? 0 : Bits == 3 ? 5 : 3;
+  static constexpr int value = 1 << kLog2;
+};
+constexpr int kTableSlot = 8192;
+constexpr int kKeyLowOffset = kTableSlot, kValueOffset = 2 * kTableSlot, kTableBytes = 3 * kTableSlot;
+
+// Shared address in the pair table at `table` (its base ORed with the lane's copy offset) of the pair field `pair`
+// (the coordinates 2 pair, 2 pair + 1 of plane words laid out like a code slice, or the token-interleaved words of
+// two slices): plane-0 field of 2 W0 bits, plane-1 field of 2.
 template <int Bits, int N0, int N1>
 __device__ __forceinline__ unsigned pair_address(unsigned table, const unsigned (&w0)[N0], const unsigned (&w1)[N1],
                                                  int pair) {
   constexpr int W0 = Planes<Bits>::W0;
+  constexpr int kEntryShift = 2 + PairCopies<Bits>::kLog2;
   const int bit0 = 2 * W0 * pair;
-  unsigned address = table | place_field(w0[bit0 >> 5], bit0 & 31, 2 * W0, 2);
+  unsigned address = table | place_field(w0[bit0 >> 5], bit0 & 31, 2 * W0, kEntryShift);
   if constexpr (Planes<Bits>::kSecond) {
     const int bit1 = 2 * pair;
-    address |= place_field(w1[bit1 >> 5], bit1 & 31, 2, 2 + 2 * W0);
+    address |= place_field(w1[bit1 >> 5], bit1 & 31, 2, kEntryShift + 2 * W0);
   }
   return address;
 }
-
-// Pair tables live in one 1024-byte-aligned shared array: key values at byte 0, key remainders at kKeyLowOffset,
-// values at kValueOffset (each <= 256 entries). A table's shared address ORed with a field's byte address is the
-// entry's address (no add), and the key remainder is the same address plus an immediate offset.
-constexpr int kKeyLowOffset = 1024, kValueOffset = 2048, kTableBytes = 3072;
 
 __device__ __forceinline__ unsigned shared_word(unsigned shared_address) {
   unsigned value;
@@ -145,7 +159,7 @@ __device__ __forceinline__ unsigned shared_word(unsigned shared_address) {
 
 __device__ __forceinline__ unsigned shared_word_key_low(unsigned shared_address) {
   unsigned value;
-  asm("ld.shared.u32 %0, [%1+1024];" : "=r"(value) : "r"(shared_address));
+  asm("ld.shared.u32 %0, [%1+8192];" : "=r"(value) : "r"(shared_address));
   return value;
 }
 
@@ -182,6 +196,23 @@ __device__ __forceinline__ unsigned pair_table_value(const float* centroids, int
   const float c0 = centroids[first], c1 = centroids[second];
   if (!low) return pack_half2(c0, c1);
   return pack_half2(c0 - __half2float(__float2half_rn(c0)), c1 - __half2float(__float2half_rn(c1)));
+}
+
+// Writes the pair table of `Bits` (centroid values, or their fp16 remainders when low) with its bank-private copies
+// to the shared table at `table` (16-byte aligned), the block's threads together.
+template <int Bits>
+__device__ __forceinline__ void fill_pair_table(unsigned* table, const float* centroids, bool low) {
+  constexpr int kEntries = 1 << Planes<Bits>::kPairBits, kCopies = PairCopies<Bits>::value;
+  if constexpr (kCopies >= 4) {  // 4 copies of one entry per 16-byte store
+    for (int i = threadIdx.x; i < kEntries * kCopies / 4; i += blockDim.x) {
+      const unsigned v = pair_table_value<Bits>(centroids, i / (kCopies / 4), low);
+      reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
+    }
+  } else {
+    for (int i = threadIdx.x; i < kEntries * kCopies; i += blockDim.x) {
+      table[i] = pair_table_value<Bits>(centroids, i / kCopies, low);
+    }
+  }
 }
 
 template <int P>
@@ -369,24 +400,41 @@ __device__ __forceinline__ void mma_tile_step(const MmaTile<P, KB, VB>& tile, co
   }
 }
 
+// Dynamic shared memory of split_mma_kernel<P>: the pair tables at a multiple of kTableSlot (so up to kTableSlot - 16
+// bytes of padding before them), the per-warp accumulators of the block merge aliased onto the tables (dead by then),
+// and the query fragments and softmax statistics in the padding when they fit there, else after the tables.
+template <int P>
+struct SplitMmaShared {
+  static constexpr int kAccumulatorBytes = kSplitWarps * kMmaHeads * P * 4;
+  static constexpr int kRegionBytes = kAccumulatorBytes > kTableBytes ? kAccumulatorBytes : kTableBytes;
+  static constexpr int kFragmentBytes = MmaShape<P>::kSteps * 32 * 16;
+  static constexpr int kMiscBytes = kFragmentBytes + 2 * kSplitWarps * kMmaHeads * 4;
+  static constexpr int kBytes = kTableSlot + kRegionBytes + kMiscBytes;
+};
+
 template <int P, int KB, int VB>
 __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) split_mma_kernel(KernelArgs a) {
   constexpr int S = MmaShape<P>::kSteps;
   constexpr int G = kMmaHeads;
-  __shared__ __align__(1024) unsigned pair_tables[kTableBytes / 4];
-  __shared__ float shared_m[kSplitWarps][G], shared_l[kSplitWarps][G];
-  __shared__ __align__(16) float shared_acc[kSplitWarps][G][P];
-  __shared__ uint4 query_fragments[S * 32];
+  using Shared = SplitMmaShared<P>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const unsigned shared_base = static_cast<unsigned>(__cvta_generic_to_shared(shared_bytes));
+  const unsigned padding = (0u - shared_base) & (kTableSlot - 1);  // multiple of 16
+  unsigned char* const region = shared_bytes + padding;
+  unsigned char* const misc = padding >= Shared::kMiscBytes ? shared_bytes : region + Shared::kRegionBytes;
+  unsigned* const pair_tables = reinterpret_cast<unsigned*>(region);
+  auto shared_acc = reinterpret_cast<float (*)[G][P]>(region);  // after the tile loop only
+  uint4* const query_fragments = reinterpret_cast<uint4*>(misc);
+  auto shared_m = reinterpret_cast<float (*)[G]>(misc + Shared::kFragmentBytes);
+  auto shared_l = reinterpret_cast<float (*)[G]>(misc + Shared::kFragmentBytes + kSplitWarps * G * 4);
 
-  for (int t = threadIdx.x; t < (1 << Planes<KB>::kPairBits); t += blockDim.x) {
-    pair_tables[t] = pair_table_value<KB>(a.centroids, t, false);
-    pair_tables[kKeyLowOffset / 4 + t] = pair_table_value<KB>(a.centroids, t, true);
-  }
-  for (int t = threadIdx.x; t < (1 << Planes<VB>::kPairBits); t += blockDim.x) {
-    pair_tables[kValueOffset / 4 + t] = pair_table_value<VB>(a.centroids + kTableSize, t, false);
-  }
-  const unsigned key_table = static_cast<unsigned>(__cvta_generic_to_shared(pair_tables));
-  const unsigned value_table = key_table + kValueOffset;
+  fill_pair_table<KB>(pair_tables, a.centroids, false);
+  fill_pair_table<KB>(pair_tables + kKeyLowOffset / 4, a.centroids, true);
+  fill_pair_table<VB>(pair_tables + kValueOffset / 4, a.centroids + kTableSize, false);
+  const unsigned lane_bits = threadIdx.x & 31;
+  const unsigned key_table = (shared_base + padding) | ((lane_bits & (PairCopies<KB>::value - 1)) << 2);
+  const unsigned value_table =
+      (shared_base + padding + kValueOffset) | ((lane_bits & (PairCopies<VB>::value - 1)) << 2);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, r = lane & 3;
   const int b = blockIdx.z;
@@ -462,6 +510,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   // head g's sum over the quad; the accumulator columns (heads 2r, 2r + 1) times 2^E
   st.l_own += __shfl_xor_sync(kFullMask, st.l_own, 1);
   st.l_own += __shfl_xor_sync(kFullMask, st.l_own, 2);
+  __syncthreads();  // shared_acc overwrites the pair tables: every warp is past its last tile
   if (r == 0) {
     shared_m[warp][g] = st.m_own;
     shared_l[warp][g] = st.l_own;
