@@ -18,7 +18,8 @@
 // The value product's output rows are coordinates, again in any order: lane g's rows are the contiguous slice
 // [g P / 8, (g + 1) P / 8), m-tile i row g <-> g P / 8 + 2 i, row g + 8 <-> g P / 8 + 2 i + 1; its A registers pair
 // two tokens at one coordinate, read from the same kind of pair table after the two tokens' plane words are
-// interleaved field by field (two masks and a shift per word).
+// interleaved field by field (two masks and a shift per word). The pair tables have bank-private copies (see
+// PairCopies): lookups of data-dependent entries are then (nearly) free of bank conflicts.
 //
 // Numerics: queries are scaled per head by a power of two to |q| < 1 and split into an fp16 value (A rows 0-7) and
 // its fp16 remainder (rows 8-15, otherwise padding: the split costs no extra product). Key centroids likewise: a
@@ -245,10 +246,25 @@ struct MmaTile {
         value[u].load(a.value_indices + rows[u] * kValueBytes, g * MmaShape<P>::kValueCoords, true);
       }
       if (a.norm_bytes == 2) {
+        // tokens 2r, 2r + 1 (and 8 + 2r, 9 + 2r) are adjacent: one 4-byte load per pair when aligned
+        const __half* kn = reinterpret_cast<const __half*>(a.key_norms) + rows[0];
+        const __half* vn = reinterpret_cast<const __half*>(a.value_norms) + rows[0];
+        if (((reinterpret_cast<std::uintptr_t>(kn) | reinterpret_cast<std::uintptr_t>(vn)) & 3u) == 0) {
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          key_norm[u] = __half2float(__ldg(reinterpret_cast<const __half*>(a.key_norms) + rows[u]));
-          value_norm[u] = __half2float(__ldg(reinterpret_cast<const __half*>(a.value_norms) + rows[u]));
+          for (int half = 0; half < 2; ++half) {
+            const float2 k2 = __half22float2(__ldg(reinterpret_cast<const __half2*>(kn + 8 * half)));
+            const float2 v2 = __half22float2(__ldg(reinterpret_cast<const __half2*>(vn + 8 * half)));
+            key_norm[2 * half] = k2.x;
+            key_norm[2 * half + 1] = k2.y;
+            value_norm[2 * half] = v2.x;
+            value_norm[2 * half + 1] = v2.y;
+          }
+        } else {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            key_norm[u] = __half2float(__ldg(reinterpret_cast<const __half*>(a.key_norms) + rows[u]));
+            value_norm[u] = __half2float(__ldg(reinterpret_cast<const __half*>(a.value_norms) + rows[u]));
+          }
         }
       } else {
 #pragma unroll
