@@ -261,16 +261,19 @@ std::int64_t DeviceDecodeAttention::num_splits(std::int64_t batch, std::int64_t 
   const std::int64_t blocks_per_split = batch * heads_ * chunks;
   const std::int64_t capacity = std::max<std::int64_t>(1, multiprocessor_count_ * resident_split_blocks(dim_));
   const std::int64_t units = (max_code_length + kSplitUnit - 1) / kSplitUnit;
-  const std::int64_t most = std::max<std::int64_t>(
-      1, std::min({kMaxSplits, units, (kMaxWaves * capacity + blocks_per_split - 1) / blocks_per_split}));
+  // For a given number of waves the most splits that fit are the cheapest (shortest splits), so only kMaxWaves
+  // candidates are costed (the same minimum as trying every count; a few divisions per call on the decode path).
+  const std::int64_t first_wave = (blocks_per_split + capacity - 1) / capacity;
   std::int64_t best = 1, best_cost = std::numeric_limits<std::int64_t>::max();
-  for (std::int64_t splits = 1; splits <= most; ++splits) {
+  for (std::int64_t waves = first_wave; waves < first_wave + kMaxWaves; ++waves) {
+    const std::int64_t splits =
+        std::max<std::int64_t>(1, std::min({kMaxSplits, units, waves * capacity / blocks_per_split}));
     const std::int64_t split_units = (units + splits - 1) / splits;
-    if ((units + split_units - 1) / split_units != splits) continue;  // the same spans as a smaller count
-    const std::int64_t waves = (splits * blocks_per_split + capacity - 1) / capacity;
-    const std::int64_t cost = waves * (split_units * kSplitUnit + kBlockOverheadTokens);
+    const std::int64_t used = (units + split_units - 1) / split_units;  // splits that get tokens
+    const std::int64_t cost =
+        (used * blocks_per_split + capacity - 1) / capacity * (split_units * kSplitUnit + kBlockOverheadTokens);
     if (cost < best_cost) {
-      best = splits;
+      best = used;
       best_cost = cost;
     }
   }
