@@ -2,7 +2,8 @@
 
 A synthetic Llama-shaped model (random weights; sizes from the options: by default hidden 2048, 32 query heads,
 8 KV heads, head_dim 128, 4 layers, bf16) prefills a prompt of random token ids (one forward pass), then decodes
-greedily. Decode is timed with CUDA events after warm-up steps; tokens/s counts batch x steps. Memory:
+greedily. Decode is timed with CUDA events after warm-up steps (--repeats windows, the median counts); tokens/s
+counts batch x steps. Memory:
 torch.cuda.max_memory_allocated during prefill and during decode (peak statistics reset in between) and the
 cache's own bytes (DynamicCache: its key/value tensors; RotorQuantCache: KVCache.nbytes(), the device tensors).
 The DynamicCache row of each context is the baseline the ratios divide by, measured in the same run.
@@ -31,7 +32,8 @@ def build_model(args):
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or int(args.hidden * 2.75),
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim, max_position_embeddings=max(args.contexts) + args.decode + args.warmup + 16,
+        head_dim=args.head_dim,
+        max_position_embeddings=max(args.contexts) + args.decode * args.repeats + args.warmup + 16,
         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -82,23 +84,34 @@ def run(model, args, context, name, make_cache, backends):
         torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
             token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(args.decode):
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
-        end.record()
-        torch.cuda.synchronize()
-    decode_ms = begin.elapsed_time(end)
+        window_ms, token = decode_window(model, cache, token, args.decode)
     path = "-"
     if isinstance(cache, rqhf.RotorQuantCache):
         path = cache.kv_cache.attend_path(1 if args.layers > 1 else 0, 1)
         assert cache.kv_cache.device_resident, "RotorQuantCache on a CUDA model must be device-resident"
-    row = dict(context=context, name=name, path=path, prefill_s=prefill_s,
-               tokens_per_s=args.batch * args.decode / (decode_ms / 1e3), ms_per_step=decode_ms / args.decode,
+    row = dict(context=context, name=name, path=path, prefill_s=prefill_s, windows=[window_ms],
                prefill_peak=prefill_peak, decode_peak=torch.cuda.max_memory_allocated() - base,
                cache_bytes=cache_bytes(cache))
-    del cache
-    return row
+    return row, (cache, token)
+
+
+def decode_window(model, cache, token, steps):
+    """(ms of `steps` greedy decode steps by CUDA events, the last token)."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(steps):
+        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end), token
+
+
+def finish(row, args):
+    """tokens/s and ms/step of a row from the median of its timed windows."""
+    windows = sorted(row["windows"])
+    decode_ms = windows[len(windows) // 2]
+    row.update(tokens_per_s=args.batch * args.decode / (decode_ms / 1e3), ms_per_step=decode_ms / args.decode,
+               spread=(windows[-1] - windows[0]) / decode_ms)
 
 
 def main():
@@ -106,6 +119,11 @@ def main():
     parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384, 32768])
     parser.add_argument("--decode", type=int, default=64, help="timed decode steps")
     parser.add_argument("--warmup", type=int, default=8, help="untimed decode steps before timing")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed windows of --decode steps per row: the first right after the row's prefill and "
+                             "warm-up, the others in rounds that alternate over the rows of the context (every cache "
+                             "of a context stays alive meanwhile, so slow drifts of the machine hit all rows alike); "
+                             "the median window counts")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=2048)
@@ -130,39 +148,56 @@ def main():
     model = build_model(args)
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} query / {args.kv_heads} KV heads, head_dim "
-          f"{args.head_dim}, {args.dtype}; batch {args.batch}; {args.warmup} warm-up + {args.decode} timed decode steps; "
+          f"{args.head_dim}, {args.dtype}; batch {args.batch}; {args.warmup} warm-up + {args.repeats} x {args.decode} timed "
+          f"decode steps (median window); "
           f"RotorQuantCache: residual_window {args.residual_window}, sink_tokens {args.sink_tokens}, hadamard, mse")
     rows = []
     restricted = args.sdpa_backends.split(",")
     print(f"SDPA backends: {restricted} (rows *-anysdpa: torch's default choice)")
     for context in args.contexts:
+        live = []  # (row, attention implementation, SDPA backends, [cache, token]) of this context
         for name in args.configs.split(","):
             backends = None if name.endswith("-anysdpa") else restricted
             if name.startswith("dynamic"):
-                model.set_attn_implementation("sdpa")
+                attention = "sdpa"
                 make_cache = transformers.DynamicCache
             else:
                 bits, _, suffix = name.partition("-")
                 key_bits, value_bits = int(bits[1:bits.index("V")]), int(bits[bits.index("V") + 1:])
-                model.set_attn_implementation(rqhf.ATTENTION_NAME)
+                attention = rqhf.ATTENTION_NAME
                 options = dict(key_bits=key_bits, value_bits=value_bits, residual_window=args.residual_window,
                                sink_tokens=args.sink_tokens, device_checks=suffix != "nochk")
 
                 def make_cache(options=options):
                     return rqhf.RotorQuantCache(model.config, **options)
+            model.set_attn_implementation(attention)
             try:
-                rows.append(run(model, args, context, name, make_cache, backends))
+                row, state = run(model, args, context, name, make_cache, backends)
+                rows.append(row)
+                if args.repeats > 1:
+                    live.append((row, attention, backends, list(state)))
+                del state
             except torch.cuda.OutOfMemoryError as error:
                 print(f"context {context} {name}: out of memory ({str(error).splitlines()[0]})")
             gc.collect()
             torch.cuda.empty_cache()
-            row = rows[-1] if rows else None
-            if row is not None and row["context"] == context and row["name"] == name:
-                print(f"  done: context {context} {name}: {row['tokens_per_s']:.1f} tok/s", flush=True)
+        for _ in range(args.repeats - 1):  # interleaved rounds over the live caches of this context
+            for row, attention, backends, state in live:
+                model.set_attn_implementation(attention)
+                with torch.no_grad(), sdpa_backends(backends):
+                    ms, state[1] = decode_window(model, state[0], state[1], args.decode)
+                row["windows"].append(ms)
+        del live
+        gc.collect()
+        torch.cuda.empty_cache()
+        for row in rows:
+            if row["context"] == context:
+                finish(row, args)
+                print(f"  done: context {context} {row['name']}: {row['tokens_per_s']:.1f} tok/s", flush=True)
 
     mib = 1024.0 ** 2
-    header = (f"{'context':>8} {'cache':<16} {'path':<12} {'tok/s':>8} {'ms/step':>8} {'speed':>6} {'prefill s':>9} "
-              f"{'prefill MiB':>11} {'decode MiB':>10} {'mem':>6} {'cache MiB':>9} {'cache':>6}")
+    header = (f"{'context':>8} {'cache':<16} {'path':<12} {'tok/s':>8} {'ms/step':>8} {'spread':>6} {'speed':>6} "
+              f"{'prefill s':>9} {'prefill MiB':>11} {'decode MiB':>10} {'mem':>6} {'cache MiB':>9} {'cache':>6}")
     print()
     print(header)
     print("-" * len(header))
@@ -174,10 +209,11 @@ def main():
             mem = f"{r['decode_peak'] / base['decode_peak']:.2f}x" if base else "-"
             cache_ratio = f"{r['cache_bytes'] / base['cache_bytes']:.3f}" if base and base["cache_bytes"] else "-"
             print(f"{context:>8} {r['name']:<16} {r['path']:<12} {r['tokens_per_s']:>8.1f} {r['ms_per_step']:>8.2f} "
-                  f"{speed:>6} {r['prefill_s']:>9.2f} {r['prefill_peak'] / mib:>11.0f} {r['decode_peak'] / mib:>10.0f} "
-                  f"{mem:>6} {r['cache_bytes'] / mib:>9.1f} {cache_ratio:>6}")
-    print("speed = tok/s / DynamicCache's; mem = decode peak (max_memory_allocated above the model, decode phase) / "
-          "DynamicCache's; cache = cache bytes / DynamicCache's (the 'dynamic' row, SDPA restricted as above).")
+                  f"{100 * r['spread']:>5.0f}% {speed:>6} {r['prefill_s']:>9.2f} {r['prefill_peak'] / mib:>11.0f} "
+                  f"{r['decode_peak'] / mib:>10.0f} {mem:>6} {r['cache_bytes'] / mib:>9.1f} {cache_ratio:>6}")
+    print("speed = tok/s / DynamicCache's; spread = (slowest - fastest window) / median window; mem = decode peak "
+          "(max_memory_allocated above the model, first decode window) / DynamicCache's; cache = cache bytes / "
+          "DynamicCache's (the 'dynamic' row, SDPA restricted as above).")
 
 
 if __name__ == "__main__":

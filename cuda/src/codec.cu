@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "check.cuh"
@@ -56,8 +57,11 @@ int chunks_for(std::int64_t padded_dim) {
   return chunks;
 }
 
-unsigned grid_for(std::int64_t warp_tiles, int multiprocessor_count) {
-  return tile_grid(warp_tiles, codec::kWarps, multiprocessor_count, kBlocksPerMultiprocessor);
+// The grid of the general encode / decode kernels: one resident wave at most, shared among the heads and groups of
+// a multi-head launch (codec::codec_grid).
+dim3 grid_for(std::int64_t warp_tiles, int multiprocessor_count, const codec::CodecArgs& args) {
+  const unsigned blocks = tile_grid(warp_tiles, codec::kWarps, multiprocessor_count, kBlocksPerMultiprocessor);
+  return codec::codec_grid(blocks, static_cast<std::int64_t>(multiprocessor_count) * kBlocksPerMultiprocessor, args);
 }
 
 template <int C>
@@ -69,7 +73,7 @@ std::int64_t warp_tiles(std::int64_t n) {
 
 template <int Kind, int C, int Bits>
 void launch_encode_bits(const float* x, const codec::CodecArgs& args, int sms, cudaStream_t stream) {
-  codec::encode_kernel<Kind, C, Bits><<<grid_for(warp_tiles<C>(args.n), sms), codec::kThreads, 0, stream>>>(x, args);
+  codec::encode_kernel<Kind, C, Bits><<<grid_for(warp_tiles<C>(args.n), sms, args), codec::kThreads, 0, stream>>>(x, args);
 }
 
 // mse_bits 2, 3, 4 (levels 4, 8, 16) with C <= 8 get the kernels specialized on the bit-plane split.
@@ -88,7 +92,7 @@ void launch_encode_typed(const float* x, const codec::CodecArgs& args, int sms, 
 
 template <int Kind, int C>
 void launch_decode_typed(const codec::CodecArgs& args, void* out, OutputDtype dtype, int sms, cudaStream_t stream) {
-  const unsigned grid = grid_for(warp_tiles<C>(args.n), sms);
+  const dim3 grid = grid_for(warp_tiles<C>(args.n), sms, args);
   switch (dtype) {
     case OutputDtype::kFloat32:
       codec::decode_kernel<Kind, C, float><<<grid, codec::kThreads, 0, stream>>>(args, static_cast<float*>(out));
@@ -495,6 +499,230 @@ void DeviceQuantizer::scores(const ConstCodesView& codes, std::int64_t n, std::i
   }
   ROTORQUANT_CUDA_CHECK(cudaFreeAsync(workspace, s), what.c_str());
   finish_checks(stream, what.c_str(), check);
+}
+
+// ---- DeviceQuantizerGroup ---------------------------------------------------------------------
+
+namespace {
+
+// The non-overlap rule of HeadLayout: the (h, g, r) -> element / row map with extents (heads, groups, n) and strides
+// (head_stride, group_stride, row_stride), rows `row_size` long, is injective when, ordered by stride, every
+// dimension of extent > 1 strides over all of the smaller ones (a sufficient condition, the usual one for tensors).
+bool disjoint_rows(std::int64_t heads, std::int64_t groups, std::int64_t n, std::int64_t head_stride,
+                   std::int64_t group_stride, std::int64_t row_stride, std::int64_t row_size) {
+  if (heads == 0 || groups == 0 || n == 0) return true;  // no row at all
+  struct Extent {
+    std::int64_t size, stride;
+  };
+  std::vector<Extent> dims;
+  for (const Extent e : {Extent{heads, head_stride}, Extent{groups, group_stride}, Extent{n, row_stride}}) {
+    if (e.size > 1) dims.push_back(e);
+  }
+  std::sort(dims.begin(), dims.end(), [](const Extent& a, const Extent& b) { return a.stride < b.stride; });
+  std::int64_t span = row_size;  // elements covered by the dimensions so far
+  for (const Extent& e : dims) {
+    if (e.stride < span) return false;
+    span = e.stride * (e.size - 1) + span;
+  }
+  return true;
+}
+
+// encode writes the code rows (checked disjoint), decode the x rows (out).
+void check_layout(const HeadLayout& layout, std::int64_t heads, std::int64_t n, std::int64_t dim, bool encode,
+                  const std::string& what) {
+  if (layout.groups < 1 || layout.groups > 65535) {
+    throw ValueError(expected_got(what + ": layout.groups", "in [1, 65535]", std::to_string(layout.groups)));
+  }
+  const std::pair<const char*, std::int64_t> strides[] = {{"x_head_stride", layout.x_head_stride},
+                                                          {"x_group_stride", layout.x_group_stride},
+                                                          {"code_head_stride", layout.code_head_stride},
+                                                          {"code_group_stride", layout.code_group_stride}};
+  for (const auto& [name, value] : strides) {
+    if (value < 0) throw ValueError(expected_got(what + ": layout." + name, ">= 0", std::to_string(value)));
+  }
+  if (encode && !disjoint_rows(heads, layout.groups, n, layout.code_head_stride, layout.code_group_stride, 1, 1)) {
+    throw ValueError(expected_got(what + ": code rows of (heads, groups, n) = (" + std::to_string(heads) + ", " +
+                                      std::to_string(layout.groups) + ", " + std::to_string(n) + ")",
+                                  "non-overlapping (code_head_stride / code_group_stride apart by whole blocks)",
+                                  "strides (" + std::to_string(layout.code_head_stride) + ", " +
+                                      std::to_string(layout.code_group_stride) + ")"));
+  }
+  if (!encode && !disjoint_rows(heads, layout.groups, n, layout.x_head_stride, layout.x_group_stride, dim, dim)) {
+    throw ValueError(expected_got(what + ": output rows of (heads, groups, n, dim) = (" + std::to_string(heads) +
+                                      ", " + std::to_string(layout.groups) + ", " + std::to_string(n) + ", " +
+                                      std::to_string(dim) + ")",
+                                  "non-overlapping", "strides (" + std::to_string(layout.x_head_stride) + ", " +
+                                                         std::to_string(layout.x_group_stride) + ")"));
+  }
+}
+
+}  // namespace
+
+DeviceQuantizerGroup::DeviceQuantizerGroup(const std::vector<const Quantizer*>& quantizers, int device) {
+  const char* context = "cuda::DeviceQuantizerGroup";
+  if (quantizers.empty() || quantizers.size() > 65535) {
+    throw ValueError(expected_got(std::string(context) + ": number of quantizers (heads)", "in [1, 65535]",
+                                  std::to_string(quantizers.size())));
+  }
+  for (std::size_t h = 0; h < quantizers.size(); ++h) {
+    if (quantizers[h] == nullptr) {
+      throw ValueError(expected_got(std::string(context) + ": quantizer " + std::to_string(h), "a Quantizer", "null"));
+    }
+    QuantizerParams first = quantizers.front()->params(), other = quantizers[h]->params();
+    first.seed = other.seed = 0;
+    if (first != other) {
+      throw ValueError(std::string(context) + ": quantizer " + std::to_string(h) +
+                       " has other parameters than quantizer 0: expected equal parameters except the seed");
+    }
+  }
+  device_ = detail::resolve_device(device, context);
+  detail::ScopedDevice scoped_device(device_, context);
+  try {
+    members_.reserve(quantizers.size());
+    for (const Quantizer* q : quantizers) members_.push_back(std::make_unique<DeviceQuantizer>(*q, device_));
+    const DeviceQuantizer& first = *members_.front();
+    std::vector<codec::HeadTables> tables(members_.size());
+    for (std::size_t h = 0; h < members_.size(); ++h) {
+      const DeviceQuantizer& m = *members_[h];
+      // the kernels read the codebook of head 0: equal parameters give equal codebooks (checked, bit for bit)
+      if (m.boundaries_ != first.boundaries_ || m.zero_centroid_ != first.zero_centroid_) {
+        throw RuntimeError(std::string(context) + ": head " + std::to_string(h) + " has another codebook than head 0");
+      }
+      if ((m.dense_fragments_ == nullptr) != (first.dense_fragments_ == nullptr)) {
+        throw RuntimeError(std::string(context) + ": head " + std::to_string(h) + " has another dense encode plan");
+      }
+      tables[h] = codec::HeadTables{m.rotation_parameters_, m.forward_matrix_, m.inverse_matrix_, m.qjl_transposed_,
+                                    m.qjl_matrix_, m.dense_fragments_, m.dense_error_base_, m.dense_error_slope_};
+    }
+    head_tables_ = upload(tables, context);
+    ROTORQUANT_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&status_), 4 * sizeof(unsigned long long)), context);
+    ROTORQUANT_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_status_), 4 * sizeof(unsigned long long)),
+                          context);
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+DeviceQuantizerGroup::~DeviceQuantizerGroup() { release(); }
+
+void DeviceQuantizerGroup::release() noexcept {
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  if (previous != device_) cudaSetDevice(device_);
+  if (head_tables_) cudaFree(head_tables_);
+  head_tables_ = nullptr;
+  if (status_) cudaFree(status_);
+  status_ = nullptr;
+  if (host_status_) cudaFreeHost(host_status_);
+  host_status_ = nullptr;
+  if (previous != device_) cudaSetDevice(previous);
+  cudaGetLastError();
+}
+
+codec::CodecArgs DeviceQuantizerGroup::launch_args(const ConstCodesView& codes, std::int64_t n,
+                                                   const HeadLayout& layout, const std::string& what) const {
+  codec::CodecArgs args = members_.front()->code_args(codes, n, what);
+  args.head_tables = head_tables_;
+  args.launch_heads = static_cast<int>(members_.size());
+  args.launch_groups = static_cast<int>(layout.groups);
+  args.x_head_stride = layout.x_head_stride;
+  args.x_group_stride = layout.x_group_stride;
+  args.code_head_stride = layout.code_head_stride;
+  args.code_group_stride = layout.code_group_stride;
+  args.status = status_;
+  return args;
+}
+
+void DeviceQuantizerGroup::finish_checks(void* stream, const char* what, bool check, std::int64_t n,
+                                         std::int64_t groups) const {
+  detail::check_launch(what);
+  if (!check) return;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  ROTORQUANT_CUDA_CHECK(cudaMemcpyAsync(host_status_, status_, 3 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, s),
+                        what);
+  ROTORQUANT_CUDA_CHECK(cudaStreamSynchronize(s), what);
+  // a reported row is (head * groups + group) * n + row
+  const auto where = [&](unsigned long long flat) {
+    const std::int64_t f = static_cast<std::int64_t>(flat);
+    return "head " + std::to_string(f / n / groups) + ", group " + std::to_string(f / n % groups) + ", row " +
+           std::to_string(f % n);
+  };
+  const std::string name(what);
+  const QuantizerParams& p = params();
+  if (host_status_[0] != kNoRow) {
+    throw ValueError(name + ": " + where(host_status_[0]) +
+                     " contains non-finite values (NaN or Inf): expected finite values");
+  }
+  if (host_status_[1] != kNoRow) {
+    throw ValueError(name + ": the norm of " + where(host_status_[1]) + " overflows " + norm_dtype_name(p.norm_dtype) +
+                     (p.norm_dtype == NormDtype::kFloat16 ? ": expected norms <= 65504, use norm_dtype=\"float32\""
+                                                          : ": expected norms <= 3.4e38"));
+  }
+  if (host_status_[2] != kNoRow) {
+    throw ValueError(expected_got(name + ": stored norm of the code at " + where(host_status_[2]),
+                                  "a finite value >= 0", "a corrupted value"));
+  }
+}
+
+void DeviceQuantizerGroup::encode(const float* x, std::int64_t n, const HeadLayout& layout, const CodesView& out,
+                                  void* stream, bool check) const {
+  const std::string what = "cuda::DeviceQuantizerGroup::encode";
+  check_count(n, what, "n");
+  const DeviceQuantizer& first = *members_.front();
+  check_layout(layout, heads(), n, first.dim_, true, what);
+  if (n == 0) return;
+  check_pointer(x, what, "x");
+  codec::CodecArgs args =
+      launch_args(ConstCodesView{out.indices, out.norms, out.qjl_signs, out.residual_norms}, n, layout, what);
+  const CodeSizes sizes = first.sizes_;
+  args.words_ok_indices = sizes.index_bytes % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.indices) % 4 == 0 &&
+                          first.padded_dim_ % 32 == 0;
+  args.words_ok_signs = sizes.sign_bytes % 4 == 0 && reinterpret_cast<std::uintptr_t>(out.qjl_signs) % 4 == 0;
+  args.norm_correction = first.params_.norm_correction;
+
+  detail::ScopedDevice scoped_device(device_, what.c_str());
+  std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
+  if (check) lock.lock();
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+  // the same kernel choice as DeviceQuantizer::encode (the per-head fragments and bounds come from the head tables)
+  const int sms = first.multiprocessor_count_;
+  const bool fused =
+      first.params_.rotation == RotationKind::kDense
+          ? codec::launch_encode_dense(x, args, first.boundaries_.data(), first.dense_fragments_,
+                                       first.dense_error_base_, first.dense_error_slope_, sms, s)
+          : codec::launch_encode_fast(static_cast<int>(first.params_.rotation), x, args, first.boundaries_.data(), sms,
+                                      s);
+  if (!fused) dispatch(first.params_.rotation, first.chunks_, x, args, nullptr, OutputDtype::kFloat32, true, sms, s);
+  finish_checks(stream, what.c_str(), check, n, layout.groups);
+}
+
+void DeviceQuantizerGroup::decode(const ConstCodesView& codes, std::int64_t n, const HeadLayout& layout, void* out,
+                                  OutputDtype dtype, void* stream, bool check) const {
+  const std::string what = "cuda::DeviceQuantizerGroup::decode";
+  check_count(n, what, "n");
+  const DeviceQuantizer& first = *members_.front();
+  const int dtype_value = static_cast<int>(dtype);
+  if (dtype_value < 0 || dtype_value > 2) {
+    throw TypeError(expected_got(what + ": dtype", "float32 (0), float16 (1) or bfloat16 (2)", std::to_string(dtype_value)));
+  }
+  check_layout(layout, heads(), n, first.dim_, false, what);
+  if (n == 0) return;
+  check_pointer(out, what, "out");
+  check_alignment(out, dtype == OutputDtype::kFloat32 ? 4 : 2, what, "out");
+  codec::CodecArgs args = launch_args(codes, n, layout, what);
+
+  detail::ScopedDevice scoped_device(device_, what.c_str());
+  std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
+  if (check) lock.lock();
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+  dispatch(first.params_.rotation, first.chunks_, nullptr, args, out, dtype, false, first.multiprocessor_count_, s);
+  finish_checks(stream, what.c_str(), check, n, layout.groups);
 }
 
 }  // namespace cuda

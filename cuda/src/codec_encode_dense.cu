@@ -90,7 +90,8 @@ bool launch(const float* x, const CodecArgs& args, const FastBoundaries& boundar
   if (blocks_per_multiprocessor < 1) return false;  // the shared memory does not fit: the general kernel runs
   const std::int64_t tiles = (args.n + kDenseTileRows - 1) / kDenseTileRows;
   const unsigned grid = tile_grid(tiles, kDenseWarps, multiprocessor_count, blocks_per_multiprocessor);
-  kernel<<<grid, kDenseThreads, kShared, stream>>>(x, args, boundaries, bound, reinterpret_cast<const uint4*>(fragments));
+  const std::int64_t wave = static_cast<std::int64_t>(multiprocessor_count) * blocks_per_multiprocessor;
+  kernel<<<codec_grid(grid, wave, args), kDenseThreads, kShared, stream>>>(x, args, boundaries, bound, reinterpret_cast<const uint4*>(fragments));
   return true;
 }
 
@@ -126,6 +127,7 @@ DenseEncodePlan make_dense_encode_plan(const float* m, int p) {
 bool launch_encode_dense(const float* x, const CodecArgs& args, const float* boundaries, const std::uint32_t* fragments,
                          float base, float slope, int multiprocessor_count, cudaStream_t stream) {
   if (fragments == nullptr || args.prod || args.n <= 0 || reinterpret_cast<std::uintptr_t>(x) % 16 != 0) return false;
+  if (((args.x_head_stride | args.x_group_stride) & 3) != 0) return false;  // every head's rows 16-byte aligned
   if (args.levels != 4 && args.levels != 8 && args.levels != 16) return false;
   if (args.dim != args.padded_dim) return false;
   FastBoundaries table{};

@@ -153,6 +153,13 @@ template <int P, int Bits, bool NormCorrection>
 __global__ void __launch_bounds__(kDenseThreads, 1)
     encode_dense_kernel(const float* __restrict__ x, CodecArgs args, FastBoundaries boundary, DenseBound bound,
                         const uint4* __restrict__ fragments) {
+  x = select_head(args, x);
+  if (args.head_tables != nullptr) {  // head blockIdx.y's B fragments and error bound
+    const HeadTables& tables = args.head_tables[blockIdx.y];
+    fragments = reinterpret_cast<const uint4*>(tables.dense_fragments);
+    bound.base = tables.dense_error_base;
+    bound.slope = tables.dense_error_slope;
+  }
   using L = DenseLayout<P>;
   using Planes = DensePlanes<P, Bits>;
   constexpr int S = L::kSteps, T = L::kTiles, OUT = L::kOutputs, STRIDE = L::kStageStride;
@@ -234,8 +241,8 @@ __global__ void __launch_bounds__(kDenseThreads, 1)
     sum_a += __shfl_xor_sync(kFullMask, sum_a, 2);
     sum_b += __shfl_xor_sync(kFullMask, sum_b, 2);
     const bool finite_a = isfinite(sum_a), finite_b = isfinite(sum_b);
-    if (r == 0 && !finite_a && row_a < n) atomicMin(args.status + 0, static_cast<unsigned long long>(row_a));
-    if (r == 0 && !finite_b && row_b < n) atomicMin(args.status + 0, static_cast<unsigned long long>(row_b));
+    if (r == 0 && !finite_a && row_a < n) flag_row(args, 0, row_a);
+    if (r == 0 && !finite_b && row_b < n) flag_row(args, 0, row_b);
     if (!finite_a) {  // reported above; coded as zero rows (u = 0 rather than NaN)
 #pragma unroll
       for (int s = 0; s < S; ++s) xa[s] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -432,7 +439,7 @@ __global__ void __launch_bounds__(kDenseThreads, 1)
       const double centroid_sq = r == 0 ? centroid_a : centroid_b;
       if (NormCorrection && stored != 0.0 && centroid_sq > 0.0) stored = stored / sqrt(centroid_sq);
       if (row < n && !store_norm(args.norms, row, args.norm_bytes, stored)) {
-        atomicMin(args.status + 1, static_cast<unsigned long long>(row));
+        flag_row(args, 1, row);
       }
     }
   }

@@ -21,7 +21,8 @@ void launch_variant(const float* x, const CodecArgs& args, const FastBoundaries&
   // persistent grid: one resident wave, warps loop over tiles
   const std::int64_t tiles = (args.n + FastLayout<P, Variant>::kRowsPerTile - 1) / FastLayout<P, Variant>::kRowsPerTile;
   const unsigned grid = tile_grid(tiles, kWarps, multiprocessor_count, blocks_per_multiprocessor);
-  kernel<<<grid, kThreads, 0, stream>>>(x, args, boundaries);
+  const std::int64_t wave = static_cast<std::int64_t>(multiprocessor_count) * blocks_per_multiprocessor;
+  kernel<<<codec_grid(grid, wave, args), kThreads, 0, stream>>>(x, args, boundaries);
 }
 
 // Variant 0 (4 slots, <= 128 registers, 2 blocks per SM) measured 5-10 % faster than variant 1 (2 slots, 80
@@ -67,6 +68,7 @@ bool launch_dim(const float* x, const CodecArgs& args, const FastBoundaries& bou
 bool launch_encode_fast(int kind, const float* x, const CodecArgs& args, const float* boundaries,
                         int multiprocessor_count, cudaStream_t stream) {
   if (args.prod || args.n <= 0 || reinterpret_cast<std::uintptr_t>(x) % 16 != 0) return false;
+  if (((args.x_head_stride | args.x_group_stride) & 3) != 0) return false;  // every head's rows 16-byte aligned
   if (args.levels != 4 && args.levels != 8 && args.levels != 16) return false;
   FastBoundaries table{};
   // the kernel's index search needs exactly antisymmetric boundaries (always the case for the Lloyd-Max codebooks);

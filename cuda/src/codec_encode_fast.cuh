@@ -270,6 +270,7 @@ __device__ __forceinline__ int count_boundaries(const FastBoundaries& boundary, 
 template <int Kind, int P, int Bits, int Variant>
 __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerSM)
     encode_fast_kernel(const float* __restrict__ x, CodecArgs args, FastBoundaries boundary) {
+  x = select_head(args, x);
   using L = FastLayout<P, Variant>;
   constexpr int LPR = L::kLanesPerRow, RPS = L::kRowsPerSlot, CH = L::kChunks, S = L::kSlots;
   constexpr int RPT = L::kRowsPerTile;
@@ -397,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerS
     const double norm_sq = reduce_scatter<S, LPR>(partial, lr);
     const std::int64_t my_row = row0 + my_slot * RPS + row_in_slot;
     const bool finite = isfinite(norm_sq);  // a NaN / Inf coordinate gives a non-finite sum, finite rows never do
-    if (!finite && representative && my_row < n) atomicMin(args.status + 0, static_cast<unsigned long long>(my_row));
+    if (!finite && representative && my_row < n) flag_row(args, 0, my_row);
     const double my_norm = finite ? sqrt(norm_sq) : 0.0;
     const double my_reciprocal = my_norm == 0.0 ? 0.0 : __drcp_rn(my_norm);
 
@@ -623,7 +624,7 @@ __global__ void __launch_bounds__(kThreads, FastVariant<Variant>::kMinBlocksPerS
     }
     if (representative && my_row < n) {
       if (!store_norm(args.norms, my_row, args.norm_bytes, stored)) {
-        atomicMin(args.status + 1, static_cast<unsigned long long>(my_row));
+        flag_row(args, 1, my_row);
       }
     }
 #pragma unroll

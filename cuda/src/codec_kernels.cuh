@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "warp_fwht.cuh"
@@ -60,6 +61,8 @@ struct PlaneInfo {
   int bytes[4];
 };
 
+struct HeadTables;  // below
+
 struct CodecArgs {
   std::int64_t n;
   int dim, padded_dim;
@@ -87,7 +90,67 @@ struct CodecArgs {
   const float* qjl_matrix;      // S: qjl_dim x columns
   bool norm_correction;
   unsigned long long* status;   // [0] non-finite input row, [1] norm overflow row, [2] bad stored norm row
+  // Multi-head launches (DeviceQuantizerGroup): head_tables non-null, grid (x, launch_heads, launch_groups); block
+  // (x, h, g) works on the n rows of head h, group g: rows of x (encode) / out (decode) at element offset
+  // h * x_head_stride + g * x_group_stride (then dim elements per row), codes at row h * code_head_stride +
+  // g * code_group_stride (then one row per vector) of every code array, with head h's rotation / QJL tables.
+  // Single launches: head_tables null, the rest zero (select_head changes nothing).
+  const HeadTables* head_tables;
+  int launch_heads, launch_groups;
+  std::int64_t x_head_stride, x_group_stride;
+  std::int64_t code_head_stride, code_group_stride;
+  std::int64_t row_base;  // added to the rows reported in status: (h * launch_groups + g) * n in a multi-head launch
 };
+
+// The per-head device data of a multi-head launch (one entry per head, in device memory; DeviceQuantizerGroup).
+struct HeadTables {
+  const float* rotation_parameters;
+  const float* forward_matrix;
+  const float* inverse_matrix;
+  const float* qjl_transposed;
+  const float* qjl_matrix;
+  const std::uint32_t* dense_fragments;  // dense tensor-core encode (codec_encode_dense.cuh), null without a plan
+  float dense_error_base, dense_error_slope;
+};
+
+// Points args at head blockIdx.y, group blockIdx.z of a multi-head launch and returns the row data `data` (x of
+// encode, out of decode) offset likewise; changes nothing in a single launch. First statement of every codec
+// kernel but scores.
+template <typename T>
+__device__ __forceinline__ T* select_head(CodecArgs& args, T* data) {
+  if (args.head_tables == nullptr) return data;
+  const std::int64_t head = blockIdx.y, group = blockIdx.z;
+  const HeadTables tables = args.head_tables[head];
+  args.rotation_parameters = tables.rotation_parameters;
+  args.forward_matrix = tables.forward_matrix;
+  args.inverse_matrix = tables.inverse_matrix;
+  args.qjl_transposed = tables.qjl_transposed;
+  args.qjl_matrix = tables.qjl_matrix;
+  const std::int64_t row = head * args.code_head_stride + group * args.code_group_stride;
+  if (args.indices != nullptr) args.indices += row * args.index_bytes;
+  args.norms += row * args.norm_bytes;
+  if (args.signs != nullptr) args.signs += row * args.sign_bytes;
+  if (args.residual_norms != nullptr) args.residual_norms += row * args.norm_bytes;
+  args.row_base = (head * gridDim.z + group) * args.n;
+  return data + head * args.x_head_stride + group * args.x_group_stride;
+}
+
+// Reports `row` (of this launch's head and group) in status word `slot` (the smallest reported row wins).
+__device__ __forceinline__ void flag_row(const CodecArgs& args, int slot, std::int64_t row) {
+  atomicMin(args.status + slot, static_cast<unsigned long long>(args.row_base + row));
+}
+
+// The grid of a codec launch: `blocks` (the grid of one head and group: at most one resident wave of
+// `wave` blocks) shared among the heads x groups of a multi-head launch (at least one block each), y = heads,
+// z = groups.
+inline dim3 codec_grid(unsigned blocks, std::int64_t wave, const CodecArgs& args) {
+  const unsigned heads = args.launch_heads > 1 ? static_cast<unsigned>(args.launch_heads) : 1u;
+  const unsigned groups = args.launch_groups > 1 ? static_cast<unsigned>(args.launch_groups) : 1u;
+  const std::int64_t parts = static_cast<std::int64_t>(heads) * groups;
+  const std::int64_t share = (wave + parts - 1) / parts;
+  const std::int64_t x = std::max<std::int64_t>(1, std::min<std::int64_t>(blocks, share));
+  return dim3(static_cast<unsigned>(x), heads, groups);
+}
 
 // ---- small helpers -------------------------------------------------------------------------
 
@@ -306,6 +369,7 @@ __device__ __forceinline__ void warp_block_rotation(const float* v, const float*
 // Bits = 2, 3, 4: compile-time quantization and plane packing (C <= 8); Bits = 0: any mse_bits, runtime tables.
 template <int Kind, int C, int Bits>
 __global__ void __launch_bounds__(kThreads, kEncodeMinBlocksPerSM) encode_kernel(const float* __restrict__ x, CodecArgs args) {
+  x = select_head(args, x);
   constexpr int R = Tile<C>::kRows;
   constexpr int W = Tile<C>::kWidth;
   __shared__ __align__(16) float shared[kWarps][R * W];
@@ -378,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, kEncodeMinBlocksPerSM) encode_kernel
       sum = warp_sum(sum);
       if (lane % R == k) lane_sum = sum;
       if (!all_finite[k] && lane == 0 && row0 + k < n) {
-        atomicMin(args.status + 0, static_cast<unsigned long long>(row0 + k));
+        flag_row(args, 0, row0 + k);
       }
     }
     const double lane_norm = sqrt(lane_sum);
@@ -525,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, kEncodeMinBlocksPerSM) encode_kernel
       if (valid && lane == 0) {
         bool ok = store_norm(args.norms, row, args.norm_bytes, stored);
         if (args.prod) ok = store_norm(args.residual_norms, row, args.norm_bytes, sqrt(residual_sq)) && ok;
-        if (!ok) atomicMin(args.status + 1, static_cast<unsigned long long>(row));
+        if (!ok) flag_row(args, 1, row);
       }
     }
     // 5. prod: QJL signs of S r, 32 C outputs per pass
@@ -580,6 +644,7 @@ __device__ __forceinline__ __nv_bfloat16 convert_out<__nv_bfloat16>(float value)
 
 template <int Kind, int C, typename T>
 __global__ void __launch_bounds__(kThreads, DecodeMinBlocksPerSM<Kind>::value) decode_kernel(CodecArgs args, T* __restrict__ out) {
+  out = select_head(args, out);
   constexpr int R = Tile<C>::kRows;
   constexpr int W = Tile<C>::kWidth;
   __shared__ __align__(16) float shared[kWarps][R * W];
@@ -643,7 +708,7 @@ __global__ void __launch_bounds__(kThreads, DecodeMinBlocksPerSM<Kind>::value) d
         if (residual_norm < 0.0f) norm = -1.0f;
         coefficient = static_cast<float>(static_cast<double>(residual_norm) * kSqrtHalfPi / m);
       }
-      if (norm < 0.0f && lane == 0) atomicMin(args.status + 2, static_cast<unsigned long long>(row));
+      if (norm < 0.0f && lane == 0) flag_row(args, 2, row);
       if (lane == 0) {
         row_norms[k] = norm;
         row_coefficients[k] = coefficient;

@@ -1,10 +1,12 @@
-// rotorquant._core CUDA entry points: device queries and CudaRotation (launches on raw
-// device pointers). Without a CUDA build the same names exist as stubs: no devices, and
+// rotorquant._core CUDA entry points: device queries, CudaRotation, CudaQuantizer and CudaQuantizerGroup (launches
+// on raw device pointers). Without a CUDA build the same names exist as stubs: no devices, and
 // CudaRotation's constructor raises RuntimeError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "bindings.hpp"
 #include "rotorquant/error.hpp"
@@ -36,6 +38,7 @@ constexpr const char* kNoCudaMessage = "rotorquant was built without CUDA suppor
 // Placeholder types so that `_core.CudaRotation` / `_core.CudaQuantizer` exist in every build.
 struct CudaRotationUnavailable {};
 struct CudaQuantizerUnavailable {};
+struct CudaQuantizerGroupUnavailable {};
 
 #endif
 
@@ -126,6 +129,53 @@ void bind_cuda(py::module_& m) {
           py::arg("n"), py::arg("heads"), py::arg("queries_ptr"), py::arg("group"), py::arg("out_ptr"),
           py::arg("stream") = 0, py::arg("check") = true, py::call_guard<py::gil_scoped_release>(),
           "heads * n codes, queries (heads * group, dim) float32 -> out (heads, group, n) float32.");
+
+  using rotorquant::cuda::DeviceQuantizerGroup;
+  using rotorquant::cuda::HeadLayout;
+  py::class_<DeviceQuantizerGroup>(m, "CudaQuantizerGroup",
+                                   "The CUDA codecs of several heads (quantizers with equal parameters except the "
+                                   "seed) on one device: encode / decode of every head and group in one kernel launch, "
+                                   "on raw device pointers (see cuda/include/rotorquant/cuda/codec.hpp, HeadLayout).")
+      .def(py::init([](const std::vector<const rotorquant::Quantizer*>& quantizers, int device) {
+             return new DeviceQuantizerGroup(quantizers, device);
+           }),
+           py::arg("quantizers"), py::arg("device") = -1, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("device", &DeviceQuantizerGroup::device)
+      .def_property_readonly("heads", &DeviceQuantizerGroup::heads)
+      .def(
+          "encode",
+          [](const DeviceQuantizerGroup& self, std::uintptr_t x, std::int64_t n, std::int64_t groups,
+             std::int64_t x_head_stride, std::int64_t x_group_stride, std::uintptr_t indices, std::uintptr_t norms,
+             std::uintptr_t signs, std::uintptr_t residual_norms, std::int64_t code_head_stride,
+             std::int64_t code_group_stride, std::uintptr_t stream, bool check) {
+            const rotorquant::CodesView view{as_bytes(indices), as_bytes(norms), as_bytes(signs),
+                                             as_bytes(residual_norms)};
+            const HeadLayout layout{groups, x_head_stride, x_group_stride, code_head_stride, code_group_stride};
+            self.encode(as_device_pointer(x), n, layout, view, as_stream(stream), check);
+          },
+          py::arg("x_ptr"), py::arg("n"), py::arg("groups"), py::arg("x_head_stride"), py::arg("x_group_stride"),
+          py::arg("indices_ptr"), py::arg("norms_ptr"), py::arg("signs_ptr"), py::arg("residual_norms_ptr"),
+          py::arg("code_head_stride"), py::arg("code_group_stride"), py::arg("stream") = 0, py::arg("check") = true,
+          py::call_guard<py::gil_scoped_release>(),
+          "heads x groups x n float32 rows of x (element strides) -> codes (row strides), one launch.")
+      .def(
+          "decode",
+          [](const DeviceQuantizerGroup& self, std::uintptr_t indices, std::uintptr_t norms, std::uintptr_t signs,
+             std::uintptr_t residual_norms, std::int64_t n, std::int64_t groups, std::int64_t code_head_stride,
+             std::int64_t code_group_stride, std::uintptr_t out, std::int64_t out_head_stride,
+             std::int64_t out_group_stride, int dtype, std::uintptr_t stream, bool check) {
+            const rotorquant::ConstCodesView view{as_bytes(indices), as_bytes(norms), as_bytes(signs),
+                                                  as_bytes(residual_norms)};
+            const HeadLayout layout{groups, out_head_stride, out_group_stride, code_head_stride, code_group_stride};
+            self.decode(view, n, layout, reinterpret_cast<void*>(out),
+                        static_cast<rotorquant::cuda::OutputDtype>(dtype), as_stream(stream), check);
+          },
+          py::arg("indices_ptr"), py::arg("norms_ptr"), py::arg("signs_ptr"), py::arg("residual_norms_ptr"),
+          py::arg("n"), py::arg("groups"), py::arg("code_head_stride"), py::arg("code_group_stride"),
+          py::arg("out_ptr"), py::arg("out_head_stride"), py::arg("out_group_stride"), py::arg("dtype") = 0,
+          py::arg("stream") = 0, py::arg("check") = true, py::call_guard<py::gil_scoped_release>(),
+          "heads x groups x n codes (row strides) -> out rows (element strides); dtype 0 = float32, 1 = float16, "
+          "2 = bfloat16; one launch.");
 #else
   m.def("cuda_device_count", []() { return 0; }, "Number of usable CUDA devices (always 0: built without CUDA).");
   m.def(
@@ -143,6 +193,12 @@ void bind_cuda(py::module_& m) {
              throw rotorquant::RuntimeError(kNoCudaMessage);
            }),
            py::arg("quantizer"), py::arg("device") = -1);
+  py::class_<CudaQuantizerGroupUnavailable>(m, "CudaQuantizerGroup",
+                                            "Unavailable: rotorquant was built without CUDA support.")
+      .def(py::init([](const std::vector<const rotorquant::Quantizer*>&, int) -> CudaQuantizerGroupUnavailable* {
+             throw rotorquant::RuntimeError(kNoCudaMessage);
+           }),
+           py::arg("quantizers"), py::arg("device") = -1);
 #endif
 }
 

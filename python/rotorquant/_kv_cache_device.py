@@ -7,8 +7,9 @@ indexing); every piece of quantization math runs in the C++ core or the CUDA ker
 * statistics of a layer's first chunk: ``_core.kv_chunk_statistics`` (the CPU cache's own function, on a
   host copy of that chunk, so the floats are the CPU's bit for bit);
 * encoding the tokens that leave the window: the per-(layer, head, kind) ``rotorquant.Quantizer`` objects
-  (same parameters and seeds as the core's) through their CUDA codec (``_core.CudaQuantizer``, codes
-  bit-identical to the CPU's, docs/format.md section 8); decoding likewise;
+  (same parameters and seeds as the core's) through their CUDA codecs, all heads of a (layer, kind) in one
+  launch (``_core.CudaQuantizerGroup``, codes bit-identical to the CPU's, docs/format.md section 8) that reads
+  the tokens where they are (window slots) and writes the codes in place (the code buffers); decoding likewise;
 * decode attention (q_len == 1): ``rotorquant.DecodeAttention``, the fused kernel on the codes.
 
 The torch operations here are data movement plus the exact re-parameterizations the CPU cache applies
@@ -28,21 +29,30 @@ import torch
 import torch.nn.functional as F
 
 from . import _core
-from ._quantizer import Quantizer
+from ._quantizer import _FUSED_CUDA_ROTATIONS, Quantizer
 
 _FIELDS = ("indices", "norms", "qjl_signs", "residual_norms")
+# Input dtypes whose conversion to float32 is exact: the torch ops below take them as they are (type promotion
+# computes in float32); float64 is converted first (float32 rounding, as the CPU cache's input conversion).
+_EXACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CAPACITY_QUANTUM = 256  # code capacity is a multiple of this many tokens
+_ATTENTION_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # DecodeAttention's native dtype codes
 # Query rows x keys per SDPA call on the dequantized path (bounds any score matrix to 512 MiB of float32).
 _ATTENTION_ELEMENTS = 1 << 27
 
 
+_DECODE_ATTENTION: List[Any] = []  # [class or None] once looked up
+
+
 def _decode_attention_class():
     """rotorquant.DecodeAttention (the fused decode-attention kernel), or None in builds without it."""
-    try:
-        from ._attention import DecodeAttention  # noqa: PLC0415 - optional: a later module of the package
-    except ImportError:
-        return None
-    return DecodeAttention
+    if not _DECODE_ATTENTION:
+        try:
+            from ._attention import DecodeAttention  # noqa: PLC0415 - optional: a later module of the package
+        except ImportError:
+            DecodeAttention = None
+        _DECODE_ATTENTION.append(DecodeAttention)
+    return _DECODE_ATTENTION[0]
 
 
 def _fused_attention_class(device: torch.device):
@@ -53,6 +63,19 @@ def _fused_attention_class(device: torch.device):
     if cls is None:
         return None, "this rotorquant has no DecodeAttention (fused decode attention kernel)"
     return cls, None
+
+
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    """Device scalar max |x|: finite iff every element of x is (NaN and inf propagate); one reduction kernel."""
+    return torch.linalg.vector_norm(x, ord=math.inf)
+
+
+def _all_finite(scalars: List[torch.Tensor]) -> bool:
+    """Whether every max |x| in `scalars` is finite: their maximum (NaN propagates), one host synchronization."""
+    total = scalars[0]
+    for t in scalars[1:]:
+        total = torch.maximum(total, t)
+    return math.isfinite(float(total))
 
 
 def _round_up(value: int, quantum: int) -> int:
@@ -89,10 +112,19 @@ class _Layer:
         self.key_mean: Optional[torch.Tensor] = None  # (Hkv, d) float32 on the device
         self.value_mean: Optional[torch.Tensor] = None
         self.key_scale: Optional[torch.Tensor] = None
+        # the same as (1, Hkv, 1, d) views, broadcast against (B, Hkv, tokens, d)
+        self.key_mean4: Optional[torch.Tensor] = None
+        self.value_mean4: Optional[torch.Tensor] = None
+        self.key_scale4: Optional[torch.Tensor] = None
         self.host_statistics: Tuple[Optional[np.ndarray], ...] = (None, None, None)
-        self.code_lengths: Optional[torch.Tensor] = None  # (B,) int32, for the fused kernel
-        self.fp_lengths: Optional[torch.Tensor] = None
-        self.filled: Tuple[int, int] = (-1, -1)  # the values code_lengths / fp_lengths hold
+        self.fused_arguments: Optional[Tuple[Any, ...]] = None  # see DeviceKVState._attend_fused
+
+    def set_statistics(self, key_mean, value_mean, key_scale, host_statistics) -> None:
+        self.key_mean, self.value_mean, self.key_scale = key_mean, value_mean, key_scale
+        self.key_mean4, self.value_mean4, self.key_scale4 = (None if t is None else t[None, :, None, :]
+                                                             for t in (key_mean, value_mean, key_scale))
+        self.host_statistics = tuple(host_statistics)
+        self.has_statistics = True
 
     @property
     def seq_length(self) -> int:
@@ -118,8 +150,9 @@ class DeviceKVState:
         self.layers: List[Optional[_Layer]] = [None] * params["num_layers"]
         self._quantizers: Dict[Tuple[int, int, int], Quantizer] = {}
         self._attention: Dict[int, Any] = {}  # layer -> DecodeAttention or a str saying why not
-        self._native_lists: Dict[Tuple[int, int], Optional[List[Any]]] = {}  # (layer, kind) -> CudaQuantizers
+        self._codec_groups: Dict[Tuple[int, int], Any] = {}  # (layer, kind) -> CudaQuantizerGroup or None
         self._code_sizes: Dict[Tuple[int, int], Tuple[int, int, int, int]] = {}
+        self._length_table: Optional[torch.Tensor] = None  # (rows, B) int32, row i = i (see _lengths)
 
     # -- quantizers ----------------------------------------------------------------------------
     def quantizer(self, layer: int, head: int, kind: int) -> Quantizer:
@@ -137,73 +170,80 @@ class DeviceKVState:
                                      int(n.residual_norm_bytes))
         return self._code_sizes[key]
 
-    def _native_on_device(self, q: Quantizer):
-        if self.device.type != "cuda":
-            return None
-        return q._device_native("cuda", self.device.index)
-
     def _stream(self) -> int:
         return int(torch.cuda.current_stream(self.device).cuda_stream) if self.device.type == "cuda" else 0
 
-    @staticmethod
-    def _pointer(t: torch.Tensor) -> int:
-        return int(t.data_ptr()) if t.numel() else 0
-
-    def _natives(self, layer: int, kind: int) -> Optional[List[Any]]:
-        """The layer's per-head _core.CudaQuantizer objects (cached), or None when the codec runs on the host
-        (CPU tensors, or a rotation kind without a CUDA codec: rotor_network)."""
+    def _codec_group(self, layer: int, kind: int):
+        """The layer's _core.CudaQuantizerGroup of keys (kind 0) or values (cached), or None when the codec runs on
+        the host (CPU tensors, or a rotation kind without a CUDA codec: rotor_network)."""
         key = (layer, kind)
-        cache = self._native_lists
-        if key not in cache:
-            natives = [self._native_on_device(self.quantizer(layer, h, kind))
-                       for h in range(self.params["num_kv_heads"])]
-            cache[key] = None if any(n is None for n in natives) else natives
-        return cache[key]
+        groups = self._codec_groups
+        if key not in groups:
+            group = None
+            heads = [self.quantizer(layer, h, kind) for h in range(self.params["num_kv_heads"])]
+            if self.device.type == "cuda" and self.params["rotation"] in _FUSED_CUDA_ROTATIONS:
+                group = _core.CudaQuantizerGroup([q._native for q in heads], self.device.index)
+            groups[key] = group
+        return groups[key]
 
-    def _encode(self, layer: int, kind: int, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """x (Hkv, n, d) float32 contiguous (already centered and scaled) -> codes {field: (Hkv, n, bytes)}."""
-        heads, n = x.shape[0], x.shape[1]
+    def _encode_into(self, layer: int, state: _Layer, kind: int, x: torch.Tensor, first: int, stream: int) -> None:
+        """Encodes x (B, Hkv, e, d) float32 (any strides) into code slots first .. first + e - 1 of every (head,
+        sequence) of `kind` (0 keys, 1 values). The slots must lie below the capacity."""
+        batch, heads, e, d = (int(s) for s in x.shape)
+        if e == 0 or batch == 0:
+            return
+        group = state.keys if kind == 0 else state.values
         sizes = self._sizes(layer, kind)
-        codes = {name: torch.empty((heads, n, size), dtype=torch.uint8, device=self.device)
-                 for name, size in zip(_FIELDS, sizes)}
-        if n == 0:
-            return codes
-        natives = self._natives(layer, kind)
-        if natives is not None:  # the fused CUDA codec, one launch per head, asynchronous on the current stream
-            stream = self._stream()
-            x_base, x_step = x.data_ptr(), n * x.shape[2] * 4
-            bases = [self._pointer(codes[f]) for f in _FIELDS]
-            for h, native in enumerate(natives):  # head h's rows start h * n rows into every array
-                native.encode(x_base + h * x_step, n, *(b + h * n * size if b else 0 for b, size in zip(bases, sizes)),
-                              stream, False)
-            return codes
-        for h in range(heads):  # the CPU core
-            arrays = self.quantizer(layer, h, kind)._native.encode(np.ascontiguousarray(x[h].cpu().numpy()))
-            for name, array in zip(_FIELDS, arrays):
-                codes[name][h].copy_(torch.from_numpy(np.ascontiguousarray(array)))
-        return codes
+        codec = self._codec_group(layer, kind)
+        if codec is not None:  # one launch for every head and sequence, reading x in place, codes written in place
+            if x.stride(3) != 1 or (e > 1 and x.stride(2) != d):
+                x = x.contiguous()
+            capacity = state.capacity
+            pointers = [group[name].data_ptr() + first * size if size else 0 for name, size in zip(_FIELDS, sizes)]
+            codec.encode(x.data_ptr(), e, batch, x.stride(1), x.stride(0), *pointers, batch * capacity, capacity,
+                         stream, False)
+            return
+        for h in range(heads):  # the CPU core, one head at a time (rows of head h: sequence-major)
+            rows = np.ascontiguousarray(x[:, h].reshape(batch * e, d).cpu().numpy())
+            arrays = self.quantizer(layer, h, kind)._native.encode(rows)
+            for name, array, size in zip(_FIELDS, arrays, sizes):
+                if size:
+                    codes = torch.from_numpy(np.ascontiguousarray(array)).view(batch, e, size)
+                    group[name][h, :, first:first + e] = codes.to(self.device)
 
-    def _decode(self, layer: int, kind: int, codes: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """codes {field: (Hkv, n, bytes) contiguous} -> (Hkv, n, d) float32."""
-        heads, n = codes["norms"].shape[0], codes["norms"].shape[1]
-        d = self.params["head_dim"]
-        out = torch.empty((heads, n, d), dtype=torch.float32, device=self.device)
-        if n == 0:
+    def _decode_rows(self, layer: int, state: _Layer, kind: int, count: int) -> torch.Tensor:
+        """Code slots 0 .. count - 1 of every (sequence, head) of `kind` -> (B, Hkv, count, d) float32."""
+        batch, heads, d = self.batch, self.params["num_kv_heads"], self.params["head_dim"]
+        out = torch.empty((batch, heads, count, d), dtype=torch.float32, device=self.device)
+        if count == 0 or batch == 0:
             return out
-        natives = self._natives(layer, kind)
-        if natives is not None:
-            stream = self._stream()
-            sizes = [codes[f].shape[2] for f in _FIELDS]
-            bases = [self._pointer(codes[f]) for f in _FIELDS]
-            out_base = out.data_ptr()
-            for h, native in enumerate(natives):
-                native.decode(*(b + h * n * size if b else 0 for b, size in zip(bases, sizes)), n,
-                              out_base + h * n * d * 4, 0, stream, False)
+        group = state.keys if kind == 0 else state.values
+        sizes = self._sizes(layer, kind)
+        codec = self._codec_group(layer, kind)
+        if codec is not None:  # one launch, codes read in place, rows written in sequence order
+            capacity = state.capacity
+            pointers = [group[name].data_ptr() if size else 0 for name, size in zip(_FIELDS, sizes)]
+            codec.decode(*pointers, count, batch, batch * capacity, capacity, out.data_ptr(), count * d,
+                         heads * count * d, 0, self._stream(), False)
             return out
         for h in range(heads):
-            arrays = [np.ascontiguousarray(codes[f][h].cpu().numpy()) for f in _FIELDS]
-            out[h].copy_(torch.from_numpy(self.quantizer(layer, h, kind)._native.decode(*arrays)))
+            arrays = [np.ascontiguousarray(group[name][h, :, :count].reshape(batch * count, size).cpu().numpy())
+                      for name, size in zip(_FIELDS, sizes)]
+            decoded = self.quantizer(layer, h, kind)._native.decode(*arrays)
+            out[:, h].copy_(torch.from_numpy(decoded).view(batch, count, d))
         return out
+
+    def _lengths(self, batch: int, value: int) -> torch.Tensor:
+        """A (batch,) int32 device tensor holding `value` everywhere, for the fused kernel's lengths: a row of a
+        table whose row i holds i, so that no step writes lengths (rows are never written after creation)."""
+        table = self._length_table
+        if table is None or table.shape[1] != batch or table.shape[0] <= value:
+            rows = _round_up(value + 1, _CAPACITY_QUANTUM)
+            if table is not None and table.shape[1] == batch:
+                rows = max(rows, 2 * table.shape[0])
+            table = torch.arange(rows, dtype=torch.int32, device=self.device)[:, None].expand(rows, batch).contiguous()
+            self._length_table = table
+        return table[value]
 
     # -- description ---------------------------------------------------------------------------
     def seq_length(self, layer: int) -> int:
@@ -245,14 +285,23 @@ class DeviceKVState:
         return self.batch == 0
 
     # -- append --------------------------------------------------------------------------------
-    def _centered(self, x: torch.Tensor, mean: Optional[torch.Tensor]) -> torch.Tensor:
-        """x (B, Hkv, n, d) minus the per-head mean (one float32 subtraction, as the CPU)."""
-        return x if mean is None else x - mean[None, :, None, :]
-
     def _window_slots(self, state: _Layer, first: int, count: int) -> List[Tuple[int, int]]:
         """fp-buffer slot runs of window tokens first .. first + count - 1 (0 = the oldest)."""
         sink, window = self.params["sink_tokens"], self.params["residual_window"]
         return [(sink + a, sink + b) for a, b in _runs(state.window_start + first, count, window)]
+
+    @staticmethod
+    def _centered(x: torch.Tensor, mean4: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, Hkv, n, d) as float32 minus the per-head mean (one float32 subtraction, as the CPU)."""
+        return x.to(torch.float32) if mean4 is None else torch.sub(x, mean4)
+
+    @staticmethod
+    def _store_centered(out: torch.Tensor, x: torch.Tensor, mean4: Optional[torch.Tensor]) -> None:
+        """out (a float32 view of sink / window slots) = x - mean (or x), one op, no temporary."""
+        if mean4 is None:
+            out.copy_(x)
+        else:
+            torch.sub(x, mean4, out=out)
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys, values: (B, Hkv, T, d) torch tensors on the device (validated by KVCache)."""
@@ -264,26 +313,29 @@ class DeviceKVState:
                              f"reorder() to change it), got {batch}")
         if tokens == 0:
             return
-        k = keys.detach().to(torch.float32).contiguous()
-        v = values.detach().to(torch.float32).contiguous()
+        k, v = keys.detach(), values.detach()
+        if k.dtype not in _EXACT_DTYPES:
+            k = k.to(torch.float32)
+        if v.dtype not in _EXACT_DTYPES:
+            v = v.to(torch.float32)
         state = self.layers[layer]
         fresh = state is None
         if fresh:
             state = _Layer()
-        pending_check = []  # device booleans, all True when the append is valid (checked with one sync)
+        pending_check = []  # device scalars max |x|, all finite when the append is valid (checked with one sync)
         # Statistics of the layer's first chunk: the core's function on a host copy (checks finiteness too).
         if not state.has_statistics:
-            host_k = np.ascontiguousarray(k.cpu().numpy())
-            host_v = np.ascontiguousarray(v.cpu().numpy())
+            host_k = np.ascontiguousarray(k.to(torch.float32).cpu().numpy())
+            host_v = np.ascontiguousarray(v.to(torch.float32).cpu().numpy())
             stats = _core.kv_chunk_statistics(host_k, host_v, p["center_keys"], p["center_values"],
                                               float(p["key_channel_scaling"]))
             device_stats = tuple(None if s is None else torch.from_numpy(s).to(self.device) for s in stats)
+            key_mean4, value_mean4, key_scale4 = (None if t is None else t[None, :, None, :] for t in device_stats)
         else:
             stats = state.host_statistics
-            device_stats = (state.key_mean, state.value_mean, state.key_scale)
+            key_mean4, value_mean4, key_scale4 = state.key_mean4, state.value_mean4, state.key_scale4
             if self.checks:
-                pending_check.append(torch.isfinite(k).all() & torch.isfinite(v).all())
-        key_mean, value_mean, key_scale = device_stats
+                pending_check += [_max_abs(k), _max_abs(v)]
 
         sink_capacity, window = p["sink_tokens"], p["residual_window"]
         to_sink = max(0, min(tokens, sink_capacity - state.sink_count))
@@ -294,34 +346,26 @@ class DeviceKVState:
         evict_window = min(evict, old_window)
         evict_new = evict - evict_window
 
-        # Phase 1 (may raise, changes nothing): encode the tokens that leave the window.
-        key_codes = value_codes = None
+        # Phase 1 (may raise; changes nothing visible): encode the tokens that leave the window into the code slots
+        # after code_count (capacity grown first). Slots beyond code_count hold nothing until the commit.
+        c0, c1 = state.code_count, state.code_count + evict
         if evict > 0:
-            parts_k, parts_v = [], []
-            for a, b in self._window_slots(state, 0, evict_window):
-                parts_k.append(state.fp_keys[:, :, a:b])
-                parts_v.append(state.fp_values[:, :, a:b])
-            if evict_new > 0:
-                parts_k.append(self._centered(k[:, :, offset:offset + evict_new], key_mean))
-                parts_v.append(self._centered(v[:, :, offset:offset + evict_new], value_mean))
-            xk = torch.cat(parts_k, dim=2) if len(parts_k) > 1 else parts_k[0]
-            xv = torch.cat(parts_v, dim=2) if len(parts_v) > 1 else parts_v[0]
-            if key_scale is not None:
-                xk = xk / key_scale[None, :, None, :]
-            # (B, Hkv, evict, d) -> (Hkv, B * evict, d): one batched encode per head and kind
-            xk = xk.transpose(0, 1).reshape(heads, batch * evict, d).contiguous()
-            xv = xv.transpose(0, 1).reshape(heads, batch * evict, d).contiguous()
-            key_codes = self._encode(layer, 0, xk)
-            value_codes = self._encode(layer, 1, xv)
+            self._reserve(layer, state, batch, c1)
+            stream = self._stream()
+            fp_keys, fp_values = state.fp_keys, state.fp_values
+            for kind, x, fp, mean4, scale4 in ((0, k, fp_keys, key_mean4, key_scale4),
+                                               (1, v, fp_values, value_mean4, None)):
+                parts = [fp[:, :, a:b] for a, b in self._window_slots(state, 0, evict_window)]
+                if evict_new > 0:
+                    parts.append(self._centered(x[:, :, offset:offset + evict_new], mean4))
+                tokens_out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+                if scale4 is not None:
+                    tokens_out = tokens_out / scale4
+                self._encode_into(layer, state, kind, tokens_out, c0, stream)
             if self.checks:
-                for codes in (key_codes, value_codes):
-                    pending_check.append(self._norms_finite(codes))
-        if pending_check:
-            ok = pending_check[0]
-            for flag in pending_check[1:]:
-                ok = ok & flag
-            if not bool(ok):  # the one host synchronization of a checked append
-                self._raise_append_error(k, v, key_codes, value_codes)
+                pending_check += self._stored_norms(state, c0, c1)
+        if pending_check and not _all_finite(pending_check):  # the one host synchronization of a checked append
+            self._raise_append_error(k, v, state if evict > 0 else None, c0, c1)
 
         # Phase 2: commit.
         if fresh:
@@ -329,67 +373,62 @@ class DeviceKVState:
         if self.batch == 0:
             self.batch = batch
         if not state.has_statistics:
-            state.key_mean, state.value_mean, state.key_scale = device_stats
-            state.host_statistics = tuple(stats)
-            state.has_statistics = True
+            state.set_statistics(*device_stats, stats)
         if state.fp_keys is None:
             slots = sink_capacity + window
             state.fp_keys = torch.zeros((batch, heads, slots, d), dtype=torch.float32, device=self.device)
             state.fp_values = torch.zeros_like(state.fp_keys)
         if to_sink > 0:
             s0 = state.sink_count
-            state.fp_keys[:, :, s0:s0 + to_sink] = self._centered(k[:, :, :to_sink], state.key_mean)
-            state.fp_values[:, :, s0:s0 + to_sink] = self._centered(v[:, :, :to_sink], state.value_mean)
+            self._store_centered(state.fp_keys[:, :, s0:s0 + to_sink], k[:, :, :to_sink], state.key_mean4)
+            self._store_centered(state.fp_values[:, :, s0:s0 + to_sink], v[:, :, :to_sink], state.value_mean4)
             state.sink_count += to_sink
         if evict > 0:
-            self._reserve(layer, state, batch, state.code_count + evict)
-            c0, c1 = state.code_count, state.code_count + evict
-            for group, codes in ((state.keys, key_codes), (state.values, value_codes)):
-                for name in _FIELDS:
-                    if codes[name].shape[-1]:  # fields of zero bytes (signs, residual norms in mse mode): no copy
-                        group[name][:, :, c0:c1] = codes[name].view(heads, batch, evict, codes[name].shape[-1])
             state.code_count = c1
         elif not state.keys:
             self._reserve(layer, state, batch, 0)
         if window > 0 and rest > 0:
+            # the evicted slots were read by the encode above (queued before these writes on the same stream)
             state.window_start = (state.window_start + evict_window) % window
             state.window_count -= evict_window
             stay = rest - evict_new
             if stay > 0:
-                new_k = self._centered(k[:, :, offset + evict_new:], state.key_mean)
-                new_v = self._centered(v[:, :, offset + evict_new:], state.value_mean)
-                done = 0
+                done = offset + evict_new
                 for a, b in self._window_slots(state, state.window_count, stay):
-                    state.fp_keys[:, :, a:b] = new_k[:, :, done:done + b - a]
-                    state.fp_values[:, :, a:b] = new_v[:, :, done:done + b - a]
+                    self._store_centered(state.fp_keys[:, :, a:b], k[:, :, done:done + b - a], state.key_mean4)
+                    self._store_centered(state.fp_values[:, :, a:b], v[:, :, done:done + b - a], state.value_mean4)
                     done += b - a
                 state.window_count += stay
 
-    def _norms_finite(self, codes: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Device bool: every stored norm (and residual norm) of the codes is finite (the CUDA encoder stores
-        the rounded norm, inf on overflow, and flags it; the CPU core raises instead)."""
+    def _stored_norms(self, state: _Layer, c0: int, c1: int) -> List[torch.Tensor]:
+        """max |stored norm| (and residual norm) of code slots c0 .. c1 - 1 of keys and values, device scalars: finite
+        iff every norm is (the CUDA encoder stores the rounded norm, inf on overflow, and flags it; the CPU core
+        raises instead)."""
         dtype = torch.float16 if self.params["norm_dtype"] == "float16" else torch.float32
-        flags = []
-        for name in ("norms", "residual_norms"):
-            t = codes[name]
-            if t.numel():
-                flags.append(torch.isfinite(t.contiguous().view(dtype)).all())
-        ok = flags[0]
-        for flag in flags[1:]:
-            ok = ok & flag
-        return ok
+        out = []
+        for group in (state.keys, state.values):
+            for name in ("norms", "residual_norms"):
+                t = group[name]
+                if t.shape[-1]:  # (Hkv, B, capacity, bytes) uint8 -> (Hkv, B, capacity, 1) norms, no copy
+                    out.append(_max_abs(t.view(dtype)[:, :, c0:c1]))
+        return out
 
-    def _raise_append_error(self, k, v, key_codes, value_codes):
+    def _raise_append_error(self, k, v, state: Optional[_Layer], c0: int, c1: int):
         what = "KVCache.append"
         for name, x in (("keys", k), ("values", v)):
             if not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{what}: {name} contains non-finite values (NaN or Inf): expected finite values")
         dtype = self.params["norm_dtype"]
         limit = "65504" if dtype == "float16" else "3.4e38"
-        for name, codes in (("key", key_codes), ("value", value_codes)):
-            if codes is not None and not bool(self._norms_finite(codes)):
-                raise ValueError(f"{what}: the norm of a {name} token leaving the window overflows {dtype}: expected "
-                                 f"norms <= {limit}" + (', use norm_dtype="float32"' if dtype == "float16" else ""))
+        norm_dtype = torch.float16 if dtype == "float16" else torch.float32
+        groups = () if state is None else ((state.keys, "key"), (state.values, "value"))
+        for group, name in groups:  # code slots c0 .. c1 - 1 of the tokens that left the window
+            for field in ("norms", "residual_norms"):
+                t = group[field]
+                if t.shape[-1] and not bool(torch.isfinite(t.view(norm_dtype)[:, :, c0:c1]).all()):
+                    raise ValueError(f"{what}: the norm of a {name} token leaving the window overflows {dtype}: "
+                                     f"expected norms <= {limit}" +
+                                     (', use norm_dtype="float32"' if dtype == "float16" else ""))
         raise ValueError(f"{what}: invalid input")  # pragma: no cover - one of the above holds
 
     def _reserve(self, layer: int, state: _Layer, batch: int, needed: int) -> None:
@@ -419,24 +458,22 @@ class DeviceKVState:
         if state is None or state.seq_length == 0:
             empty = torch.zeros((self.batch, heads, 0, d), dtype=torch.float32, device=self.device)
             return empty, empty.clone()
-        batch, count = self.batch, state.code_count
+        count = state.code_count
         outputs = []
-        for kind, group in ((0, state.keys), (1, state.values)):
+        for kind in (0, 1):
             fp = state.fp_keys if kind == 0 else state.fp_values
             parts = [fp[:, :, :state.sink_count]]
             if count:
-                codes = {name: group[name][:, :, :count].reshape(heads, batch * count, group[name].shape[-1])
-                         .contiguous() for name in _FIELDS}
-                decoded = self._decode(layer, kind, codes).view(heads, batch, count, d).transpose(0, 1)
-                if kind == 0 and state.key_scale is not None:
-                    decoded = decoded * state.key_scale[None, :, None, :]
+                decoded = self._decode_rows(layer, state, kind, count)  # (B, Hkv, count, d)
+                if kind == 0 and state.key_scale4 is not None:
+                    decoded = decoded * state.key_scale4
                 parts.append(decoded)
             for a, b in self._window_slots(state, 0, state.window_count):
                 parts.append(fp[:, :, a:b])
             out = torch.cat(parts, dim=2)
-            mean = state.key_mean if kind == 0 else state.value_mean
-            if mean is not None:
-                out = out + mean[None, :, None, :]
+            mean4 = state.key_mean4 if kind == 0 else state.value_mean4
+            if mean4 is not None:
+                out = out + mean4
             outputs.append(out.contiguous())
         return outputs[0], outputs[1]
 
@@ -472,7 +509,7 @@ class DeviceKVState:
         Returns (B, Hq, q_len, d) in the queries' dtype."""
         what = "KVCache.attend"
         batch, q_heads, q_len, d = (int(s) for s in queries.shape)
-        if self.checks and queries.numel() and not bool(torch.isfinite(queries).all()):
+        if self.checks and queries.numel() and not _all_finite([_max_abs(queries)]):
             raise ValueError(f"{what}: queries contains non-finite values (NaN or Inf): expected finite values")
         seq = self.seq_length(layer)
         if q_len == 0 or seq == 0 or self.batch == 0:
@@ -491,23 +528,15 @@ class DeviceKVState:
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             q = q.to(torch.float32)
         q = q.contiguous()
-        if state.code_lengths is None or state.code_lengths.shape[0] != batch:
-            state.code_lengths = torch.empty((batch,), dtype=torch.int32, device=self.device)
-            state.fp_lengths = torch.empty((batch,), dtype=torch.int32, device=self.device)
-            state.filled = (-1, -1)
         fp_count = state.sink_count + state.window_count
-        if state.filled[0] != state.code_count:  # device lengths are rewritten only when they change
-            state.code_lengths.fill_(state.code_count)
-        if state.filled[1] != fp_count:
-            state.fp_lengths.fill_(fp_count)
-        state.filled = (state.code_count, fp_count)
+        code_lengths = self._lengths(batch, state.code_count)
         max_code_length = max(1, state.code_count)
         fp_slots = p["sink_tokens"] + p["residual_window"]
         options: Dict[str, Any] = dict(max_code_length=max_code_length, scale=scale, out_dtype=q.dtype,
                                        key_scales=state.key_scale,
                                        value_means=state.value_mean if p["center_values"] else None)
         if fp_slots > 0:
-            options.update(fp_keys=state.fp_keys, fp_values=state.fp_values, fp_lengths=state.fp_lengths)
+            options.update(fp_keys=state.fp_keys, fp_values=state.fp_values, fp_lengths=self._lengths(batch, fp_count))
         visible_any = None
         if mask is not None:
             row = mask[:, 0, :]  # (B, seq): q_len == 1
@@ -525,12 +554,56 @@ class DeviceKVState:
                 options["fp_mask"] = fp_mask
             visible_any = row.any(dim=1)
         keys, values = state.keys, state.values
+        fixed = None
+        if mask is None and type(attention) is _decode_attention_class():
+            # the arguments that stay the same over decode steps (buffers, statistics, shapes); once the validated call
+            # below has accepted them, later steps with the same ones launch the kernel directly (_run_fused)
+            fixed = (batch, int(q.shape[1]), q.dtype, state.capacity, keys["indices"].data_ptr(),
+                     keys["norms"].data_ptr(), values["indices"].data_ptr(), values["norms"].data_ptr(),
+                     self._pointer(options.get("fp_keys")), self._pointer(options.get("fp_values")),
+                     self._pointer(options["key_scales"]), self._pointer(options["value_means"]))
+            if state.fused_arguments == fixed:
+                out = self._run_fused(attention, state, q, code_lengths, options)
+                return out.unsqueeze(2).to(queries.dtype)
         out = attention(q, keys["indices"].permute(1, 0, 2, 3), keys["norms"].permute(1, 0, 2, 3),
                         values["indices"].permute(1, 0, 2, 3), values["norms"].permute(1, 0, 2, 3),
-                        state.code_lengths, **options)
+                        code_lengths, **options)
+        state.fused_arguments = fixed
         if visible_any is not None:  # rows that see no token are zeros, as on the CPU
             out = torch.where(visible_any[:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out.unsqueeze(2).to(queries.dtype)
+
+    @staticmethod
+    def _pointer(t: Optional[torch.Tensor]) -> int:
+        return int(t.data_ptr()) if t is not None and t.numel() else 0
+
+    def _run_fused(self, attention, state: _Layer, q: torch.Tensor, code_lengths: torch.Tensor,
+                   options: Dict[str, Any]) -> torch.Tensor:
+        """DecodeAttention's launch (its _native.run, the arguments as DecodeAttention.__call__ passes them) for a decode
+        step whose fixed arguments (state.fused_arguments) passed DecodeAttention.__call__'s checks before; the
+        per-step ones are built here: q (B, Hq, d) contiguous in a float dtype, lengths from _lengths, max_code_length
+        <= capacity, the softmax scale KVCache checked. No mask (masked steps take the validated call)."""
+        native = attention._native
+        batch, q_heads = int(q.shape[0]), int(q.shape[1])
+        max_code_length = options["max_code_length"]
+        out = torch.empty(q.shape, dtype=q.dtype, device=self.device)
+        workspace_bytes = int(native.workspace_bytes(batch, q_heads, max_code_length))
+        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=self.device)
+        dtype = _ATTENTION_DTYPES[q.dtype]
+        capacity = state.capacity
+        keys, values = state.keys, state.values
+        fp_lengths = options.get("fp_lengths")
+        fp_capacity = 0 if fp_lengths is None else int(state.fp_keys.shape[2])
+        native.run(batch, q_heads, q.data_ptr(), dtype, out.data_ptr(), dtype, float(options["scale"]),
+                   keys["indices"].data_ptr(), keys["norms"].data_ptr(), values["indices"].data_ptr(),
+                   values["norms"].data_ptr(), capacity, batch * capacity,  # sequence and head strides in rows
+                   0, 0, 0,  # no block table (contiguous layout)
+                   code_lengths.data_ptr(), max_code_length, self._pointer(options.get("fp_keys")),
+                   self._pointer(options.get("fp_values")), self._pointer(fp_lengths) if fp_capacity else 0,
+                   fp_capacity, self._pointer(options["key_scales"]), self._pointer(options["value_means"]),
+                   0, 0, 0,  # no masks
+                   self._pointer(workspace), workspace_bytes, self._stream())
+        return out
 
     def _attend_dequantized(self, layer: int, queries: torch.Tensor, scale: float, causal: bool,
                             mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -585,7 +658,6 @@ class DeviceKVState:
                     group[name] = group[name].index_select(1, indices)
             state.fp_keys = state.fp_keys.index_select(0, indices)
             state.fp_values = state.fp_values.index_select(0, indices)
-            state.code_lengths = state.fp_lengths = None
         self.batch = count
 
     def crop(self, length: int) -> None:

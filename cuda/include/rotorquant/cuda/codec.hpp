@@ -42,8 +42,10 @@ constexpr std::int64_t kMaxDeviceCodecPaddedDim = 512;
 enum class OutputDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 class DeviceRotation;
+class DeviceQuantizerGroup;
 namespace codec {
-struct CodecArgs;  // kernel arguments (cuda/src/codec_kernels.cuh)
+struct CodecArgs;   // kernel arguments (cuda/src/codec_kernels.cuh)
+struct HeadTables;  // per-head tables of a multi-head launch (cuda/src/codec_kernels.cuh)
 }  // namespace codec
 
 class DeviceQuantizer {
@@ -71,6 +73,7 @@ class DeviceQuantizer {
               std::int64_t group, float* out, void* stream, bool check = true) const;
 
  private:
+  friend class DeviceQuantizerGroup;  // builds its per-head tables from these buffers
   void finish_checks(void* stream, const char* what, bool check) const;
   codec::CodecArgs code_args(const ConstCodesView& codes, std::int64_t n, const std::string& what) const;
   void release() noexcept;  // frees the device buffers (destructor, failed construction)
@@ -97,6 +100,59 @@ class DeviceQuantizer {
   unsigned long long* status_ = nullptr;  // device: [first bad row, first overflow row]
   unsigned long long* host_status_ = nullptr;  // pinned mirror
   std::unique_ptr<DeviceRotation> rotation_;    // queries of scores
+  mutable std::mutex check_mutex_;
+};
+
+// Where the rows of a multi-head call live. Head h (< heads), group g (< groups), row r (< n): the input row of
+// encode (float32) / output row of decode (dtype) starts at element h * x_head_stride + g * x_group_stride + r * dim
+// of x / out; its code is row h * code_head_stride + g * code_group_stride + r of each of the four code arrays
+// (row k of a field at byte k * that field's bytes per vector). Strides count elements / code rows, >= 0; the code
+// rows (and the decode output rows) of different (h, g, r) must not overlap. A group is e.g. one sequence of a
+// batch: a (batch, heads, tokens, dim) tensor has x_head_stride = tokens * dim, x_group_stride = heads * tokens * dim.
+struct HeadLayout {
+  std::int64_t groups = 1;
+  std::int64_t x_head_stride = 0, x_group_stride = 0;
+  std::int64_t code_head_stride = 0, code_group_stride = 0;
+};
+
+// The codecs of several heads with the same quantizer parameters except the seed (the per-(layer, head) quantizers
+// of a KV cache) on one device: one encode (decode) call covers every head and group in ONE kernel launch, with
+// codes bit-identical to each head's DeviceQuantizer (and so to the CPU). Holds one DeviceQuantizer per head plus a
+// device table of their per-head data; launches take raw device pointers and a caller's stream (see DeviceQuantizer
+// for the checks: with check = true the call synchronizes once and reports the first bad (head, group, row)).
+class DeviceQuantizerGroup {
+ public:
+  // quantizers: one per head, non-null, 1 .. 65535 of them, equal parameters except the seed (ValueError
+  // otherwise); device -1: the current device. Kinds without a fused CUDA codec: ValueError (as DeviceQuantizer).
+  DeviceQuantizerGroup(const std::vector<const Quantizer*>& quantizers, int device = -1);
+  ~DeviceQuantizerGroup();
+  DeviceQuantizerGroup(const DeviceQuantizerGroup&) = delete;
+  DeviceQuantizerGroup& operator=(const DeviceQuantizerGroup&) = delete;
+
+  int device() const { return device_; }
+  std::int64_t heads() const { return static_cast<std::int64_t>(members_.size()); }
+  const QuantizerParams& params() const { return members_.front()->params(); }
+  CodeSizes code_sizes() const { return members_.front()->code_sizes(); }
+  const DeviceQuantizer& head(std::int64_t h) const { return *members_.at(static_cast<std::size_t>(h)); }
+
+  // Encodes heads() x layout.groups x n rows of x (float32) into the code arrays `out` (their base pointers).
+  void encode(const float* x, std::int64_t n, const HeadLayout& layout, const CodesView& out, void* stream,
+              bool check = true) const;
+  // Decodes heads() x layout.groups x n codes into out (float32 / float16 / bfloat16 rows, x strides of layout).
+  void decode(const ConstCodesView& codes, std::int64_t n, const HeadLayout& layout, void* out, OutputDtype dtype,
+              void* stream, bool check = true) const;
+
+ private:
+  codec::CodecArgs launch_args(const ConstCodesView& codes, std::int64_t n, const HeadLayout& layout,
+                               const std::string& what) const;
+  void finish_checks(void* stream, const char* what, bool check, std::int64_t n, std::int64_t groups) const;
+  void release() noexcept;
+
+  std::vector<std::unique_ptr<DeviceQuantizer>> members_;
+  int device_ = 0;
+  codec::HeadTables* head_tables_ = nullptr;   // device: one entry per head
+  unsigned long long* status_ = nullptr;       // device: [first bad row, first overflow row, first bad code]
+  unsigned long long* host_status_ = nullptr;  // pinned mirror
   mutable std::mutex check_mutex_;
 };
 
