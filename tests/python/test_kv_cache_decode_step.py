@@ -19,9 +19,8 @@ torch = pytest.importorskip("torch")
 import rotorquant as rq  # noqa: E402
 import rotorquant._kv_cache_device as device_module  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from test_kv_cache_device import BACKENDS, D, assert_same_state, make_pair  # noqa: E402  (shared with that file)
 
-D = 64
-BACKENDS = ["torch_cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 CONFIGS = [
     dict(key_bits=4, value_bits=3, residual_window=5, sink_tokens=2),
@@ -29,15 +28,6 @@ CONFIGS = [
     dict(key_bits=2, value_bits=4, rotation="planar", residual_window=0, sink_tokens=1),
     dict(key_bits=4, value_bits=4, rotation="dense", mode="prod", residual_window=3, norm_dtype="float32"),
 ]
-
-
-def make_pair(backend, num_layers=2, heads=2, **kwargs):
-    host = rq.KVCache(num_layers, heads, D, **kwargs)
-    if backend == "cuda":
-        device = rq.KVCache(num_layers, heads, D, device="cuda", **kwargs)
-    else:
-        device = rq.KVCache(num_layers, heads, D, **kwargs)._use_torch_state_for_tests()
-    return host, device
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -55,21 +45,7 @@ def test_decode_steps_in_the_model_dtype_hold_the_cpu_caches_codes(backend, dtyp
         for layer in range(2):
             host.append(layer, k.to(torch.float32).numpy(), v.to(torch.float32).numpy())
             device.append(layer, k.to(where), v.to(where))
-    for layer in range(2):
-        assert device.quantized_length(layer) == host.quantized_length(layer)
-        assert device.window_length(layer) == host.window_length(layer)
-        for head in range(2):
-            for values in (False, True):
-                a = host.codes(layer, head, values).to("cpu").flat()
-                b = device.codes(layer, head, values).to("cpu").flat()
-                for name in a:
-                    np.testing.assert_array_equal(a[name], b[name], err_msg=f"{name} layer {layer} head {head}")
-        hk, hv = host.dequantize(layer)
-        dk, dv = device.dequantize(layer)
-        tolerance = 0.0 if backend == "torch_cpu" else 1e-5
-        for expected, got in ((hk, dk), (hv, dv)):
-            error = np.abs(got.cpu().numpy().astype(np.float64) - expected).max() / max(1.0, np.abs(expected).max())
-            assert error <= tolerance
+    assert_same_state(host, device, backend)  # lengths, statistics, codes bit for bit, dequantized values
     q = rng.standard_normal((batch, 4, 1, D)).astype(np.float32)
     expected = host.attend(1, q)
     out = device.attend(1, torch.from_numpy(q).to(where))
