@@ -19,6 +19,8 @@ import torch
 import rotorquant as rq
 from rotorquant import _core
 
+from bench_cuda import time_ms  # noqa: E402  (CUDA events, warm-up, mean of repeats)
+
 FIELDS = ("indices", "norms", "qjl_signs", "residual_norms")
 
 
@@ -39,19 +41,6 @@ def host_us(fn, calls=200, rounds=3):
         torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - start) / calls * 1e6)
     return best
-
-
-def event_ms(fn, repeats=10):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    stop.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(stop) / repeats
 
 
 def main() -> int:
@@ -117,7 +106,7 @@ def main() -> int:
                 group.encode(x.data_ptr(), n, batch, x.stride(1), x.stride(0),
                              *[t.data_ptr() if t.shape[-1] else 0 for t in big], batch * n, n, stream, False)
 
-            a, b = event_ms(loop_encode), event_ms(group_encode)
+            a, b = time_ms(loop_encode), time_ms(group_encode)
             print(f"{kind:<9} {batch:>5} {f'encode {n} tok ms':<24} {a:>14.3f} {b:>10.3f} {a / b:>7.2f}x")
             out = torch.empty((batch, heads, n, d), device=device)
             out_per_head = torch.empty((heads, batch * n, d), device=device)
@@ -131,7 +120,7 @@ def main() -> int:
                 group.decode(*[t.data_ptr() if t.shape[-1] else 0 for t in big], n, batch, batch * n, n,
                              out.data_ptr(), n * d, heads * n * d, 0, stream, False)
 
-            a, b = event_ms(loop_decode), event_ms(group_decode)
+            a, b = time_ms(loop_decode), time_ms(group_decode)
             print(f"{kind:<9} {batch:>5} {f'decode {n} tok ms':<24} {a:>14.3f} {b:>10.3f} {a / b:>7.2f}x")
     print("per-head loop: one CudaQuantizer launch per head (decode step: plus the gather copy and the code copies "
           "of the old device cache); group: one CudaQuantizerGroup launch; speedup = loop / group.")

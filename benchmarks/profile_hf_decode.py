@@ -44,6 +44,17 @@ def step(model, cache, token):
     return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
 
 
+def timed_steps(model, cache, token, steps):
+    """(last token, ms per step) of `steps` greedy decode steps timed with CUDA events."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(steps):
+        token = step(model, cache, token)
+    end.record()
+    torch.cuda.synchronize()
+    return token, begin.elapsed_time(end) / steps
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=4096)
@@ -73,21 +84,10 @@ def main():
                 token = step(model, cache, token)
             windows = []
             for _ in range(3):
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                for _ in range(cli.steps):
-                    token = step(model, cache, token)
-                end.record()
-                torch.cuda.synchronize()
-                windows.append(begin.elapsed_time(end) / cli.steps)
+                token, ms = timed_steps(model, cache, token, cli.steps)
+                windows.append(ms)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                for _ in range(cli.steps):
-                    token = step(model, cache, token)
-                end.record()
-                torch.cuda.synchronize()
-            profiled_ms = begin.elapsed_time(end) / cli.steps
+                token, profiled_ms = timed_steps(model, cache, token, cli.steps)
             python_lines = []
             if cli.cprofile:
                 profiler = cProfile.Profile()
