@@ -159,6 +159,7 @@ __device__ __forceinline__ unsigned shared_word(unsigned shared_address) {
 }
 
 __device__ __forceinline__ unsigned shared_word_key_low(unsigned shared_address) {
+  static_assert(kKeyLowOffset == 8192, "the immediate offset of the load below is kKeyLowOffset");
   unsigned value;
   asm("ld.shared.u32 %0, [%1+8192];" : "=r"(value) : "r"(shared_address));
   return value;
@@ -204,6 +205,7 @@ __device__ __forceinline__ unsigned pair_table_value(const float* centroids, int
 template <int Bits>
 __device__ __forceinline__ void fill_pair_table(unsigned* table, const float* centroids, bool low) {
   constexpr int kEntries = 1 << Planes<Bits>::kPairBits, kCopies = PairCopies<Bits>::value;
+  static_assert(kEntries * kCopies * 4 <= kTableSlot, "a pair table with its copies fills at most one slot");
   if constexpr (kCopies >= 4) {  // 4 copies of one entry per 16-byte store
     for (int i = threadIdx.x; i < kEntries * kCopies / 4; i += blockDim.x) {
       const unsigned v = pair_table_value<Bits>(centroids, i / (kCopies / 4), low);
