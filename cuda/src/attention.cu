@@ -30,12 +30,14 @@ constexpr std::size_t kWorkspaceAlignment = 256;
 // Split sizing (DeviceDecodeAttention::num_splits): a split spans a multiple of kSplitUnit tokens (one block
 // iteration of the tensor-core kernel: 4 warps x 16 tokens); a block's fixed work (pair tables, query fragments, the
 // block merge and its share of the combine) counts as kBlockOverheadTokens tokens; the grid is considered in waves of
-// the blocks resident at once (kResidentBlocks per multiprocessor, the tensor-core kernel's occupancy).
-constexpr std::int64_t kSplitUnit = 64;
+// the blocks resident at once (resident_split_blocks per multiprocessor, the tensor-core kernel's occupancy).
+constexpr std::int64_t kSplitUnit = attention::kSplitWarps * attention::kTileTokens;  // 64
 constexpr std::int64_t kBlockOverheadTokens = 128;
 constexpr std::int64_t kMaxSplits = 1024;
 constexpr std::int64_t kMaxWaves = 8;
-std::int64_t resident_split_blocks(std::int64_t dim) { return dim <= 128 ? 5 : 2; }
+std::int64_t resident_split_blocks(std::int64_t dim) {  // the tensor-core kernel's __launch_bounds__ minimum
+  return dim <= 128 ? attention::MmaShape<128>::kMinBlocks : attention::MmaShape<256>::kMinBlocks;
+}
 
 float* upload(const std::vector<float>& host) {
   if (host.empty()) return nullptr;
