@@ -14,6 +14,9 @@ Columns:
 - SDPA ms: torch.nn.functional.scaled_dot_product_attention on bf16 K/V of the same shape (enable_gqa, the
   backend torch picks), its GB/s on the bf16 K/V bytes, and the ratio SDPA time / fused time ("x SDPA").
 - dec+SDPA ms: the codes decoded to bf16 by the CUDA codec (one launch per KV head) then SDPA; "x dec+SDPA" likewise.
+- graph ms / graph SDPA / graph x: the fused call and SDPA each captured in a CUDA graph (GRAPH_CALLS calls per
+  graph, the time of one call): what a serving loop that replays captured decode steps pays, without Python's
+  per-call argument checks and launch latency. Small problems (B = 1 below 128K) are bound by those on the eager path.
 Rows that do not fit in memory are skipped.
 """
 from __future__ import annotations
@@ -47,6 +50,26 @@ def time_ms(fn, min_total_ms=60.0, warmup=2):
         if total >= min_total_ms or repeats >= 256:
             return total / repeats
         repeats *= 2
+
+
+GRAPH_CALLS = 16
+
+
+def graph_ms(fn, device):
+    """Time of one fn() when GRAPH_CALLS calls are captured in a CUDA graph and the graph is replayed."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up outside the capture (allocator pools, lazy initialization)
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    ms = time_ms(graph.replay) / GRAPH_CALLS
+    del graph
+    return ms
 
 
 def copy_bandwidth(device) -> float:
@@ -91,13 +114,14 @@ def main() -> int:
           f"copy bandwidth (read + write) {copy:.0f} GB/s")
     print(f"Hq={Q_HEADS} Hkv={KV_HEADS} d={DIM}, decode (1 query position), hadamard codes, fp16 norms")
     header = (f"{'B':>3} {'context':>8} {'K/V':>4} {'bytes/tok':>9} {'ms':>8} {'GB/s':>7} {'of copy':>7} "
-              f"{'SDPA ms':>8} {'SDPA GB/s':>9} {'x SDPA':>7} {'dec+SDPA ms':>11} {'x dec+SDPA':>10}")
+              f"{'SDPA ms':>8} {'SDPA GB/s':>9} {'x SDPA':>7} {'dec+SDPA ms':>11} {'x dec+SDPA':>10} "
+              f"{'graph ms':>8} {'graph SDPA':>10} {'graph x':>7}")
     print(header)
     print("-" * len(header))
     stream = torch.cuda.current_stream(device).cuda_stream
     for batch in batches:
         for context in contexts:
-            sdpa_ms = None
+            sdpa_ms = sdpa_graph_ms = None
             for key_bits, value_bits in bit_pairs:
                 kq, vq = quantizers(key_bits, 0), quantizers(value_bits, 1)
                 per_token = kq[0]._native.index_bytes + vq[0]._native.index_bytes + 4
@@ -127,7 +151,12 @@ def main() -> int:
                     if sdpa_ms is None:
                         k16 = torch.randn(batch, KV_HEADS, context, DIM, device=device, dtype=torch.bfloat16)
                         v16 = torch.randn_like(k16)
-                        sdpa_ms = time_ms(lambda: F.scaled_dot_product_attention(q4, k16, v16, enable_gqa=True))
+
+                        def sdpa():
+                            return F.scaled_dot_product_attention(q4, k16, v16, enable_gqa=True)
+
+                        sdpa_ms = time_ms(sdpa)
+                        sdpa_graph_ms = graph_ms(sdpa, device)
                         del k16, v16
                     k16 = torch.empty(KV_HEADS, batch, context, DIM, device=device, dtype=torch.bfloat16)
                     v16 = torch.empty_like(k16)
@@ -147,6 +176,8 @@ def main() -> int:
                     del k16, v16
                     row += (f" {sdpa_ms:>8.3f} {bf16_bytes / sdpa_ms / 1e6:>9.0f} {sdpa_ms / ms:>7.2f} "
                             f"{decode_ms:>11.3f} {decode_ms / ms:>10.2f}")
+                    fused_graph_ms = graph_ms(fused, device)
+                    row += f" {fused_graph_ms:>8.3f} {sdpa_graph_ms:>10.3f} {sdpa_graph_ms / fused_graph_ms:>7.2f}"
                 print(row, flush=True)
                 del ki, kn, vi, vn, views, attention
                 torch.cuda.empty_cache()

@@ -100,6 +100,37 @@ PY
   fi
 fi
 
+if [ -n "${DURATIONS:-}" ]; then  # GPU time of each launch (prepare, split, combine) at K3/V3, GQA 4, B/context pairs
+  cat > /tmp/rq_attention_durations.py <<'PY'
+import sys
+import torch
+import rotorquant as rq
+
+device = torch.device("cuda", 0)
+for shape in sys.argv[1:]:
+    batch, context = (int(x) for x in shape.split("/"))
+    kq = [rq.Quantizer(128, 3, rotation="hadamard", seed=h) for h in range(8)]
+    vq = [rq.Quantizer(128, 3, rotation="hadamard", seed=100 + h) for h in range(8)]
+    att = rq.DecodeAttention(kq, vq)
+    ki = torch.randint(0, 256, (batch, 8, context, kq[0]._native.index_bytes), dtype=torch.uint8, device=device)
+    norms = (torch.rand(batch, 8, context, device=device) + 1).half().view(torch.uint8).view(batch, 8, context, 2)
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        out = att(q, ki, norms, ki, norms, lengths)
+    torch.cuda.synchronize()
+    print(shape, att.num_splits(batch, 32, context), float(out.float().abs().mean()), flush=True)
+PY
+  NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
+  if [ -n "$NCU" ]; then
+    timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --metrics gpu__time_duration.sum -k regex:"prepare_queries|split|combine" \
+      python3 /tmp/rq_attention_durations.py ${DURATION_SHAPES:-1/32768 1/131072 32/32768} > "$OUT/ncu_durations.txt" 2>&1
+    note "ncu durations exit: $?"
+    grep -E "^[0-9]+/|_kernel|gpu__time_duration" "$OUT/ncu_durations.txt" | sed -E "s/\(KernelArgs\).*//; s/ +/ /g" \
+      > "$OUT/durations.txt" || true
+  fi
+fi
+
 if [ -n "${SASS:-}" ]; then  # opcode histogram of one tensor-core split kernel (<128, 3, 3>)
   CUOBJDUMP="$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null || true)"
   LIB="$(python3 -c 'import rotorquant._core as c; print(c.__file__)')"

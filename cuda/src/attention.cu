@@ -51,6 +51,12 @@ float* upload(const std::vector<float>& host) {
   return device;
 }
 
+// Warps that merge one row in combine_kernel: with many splits (few rows, long contexts) a row's slots are spread over
+// 4 warps, each keeping kCombineUnroll slots' loads in flight.
+int combine_parts(std::int64_t splits) {
+  return splits >= 4 * attention::kCombineUnroll ? 4 : splits >= 2 * attention::kCombineUnroll ? 2 : 1;
+}
+
 int heads_per_block(std::int64_t group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
 
 std::size_t aligned(std::size_t bytes) { return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment; }
@@ -127,7 +133,9 @@ void dispatch_heads(int heads, int key_bits, int value_bits, const attention::Ke
     case 8: dispatch_key_bits<P, 8>(key_bits, value_bits, a, grid, stream); break;
     default: throw ValueError(expected_got(std::string(kContext) + ": heads per block", "1, 2, 4 or 8", std::to_string(heads)));
   }
-  attention::combine_kernel<P><<<row_blocks, attention::kRowWarps * 32, 0, stream>>>(a);
+  const int rows_per_combine_block = attention::kRowWarps / a.combine_parts;
+  const unsigned combine_blocks = static_cast<unsigned>((rows + rows_per_combine_block - 1) / rows_per_combine_block);
+  attention::combine_kernel<P><<<combine_blocks, attention::kRowWarps * 32, 0, stream>>>(a);
 }
 
 void check_aligned(const void* pointer, std::size_t alignment, const char* name) {
@@ -374,6 +382,7 @@ void DeviceDecodeAttention::run(const DecodeAttentionArgs& args, void* stream) c
   a.chunk_heads = heads;
   a.split_offset = 0;
   a.num_splits = static_cast<int>(splits);
+  a.combine_parts = combine_parts(splits);
   {
     // tokens per split: whole units (a multiple of 16, so tiles never straddle pages of >= 16 tokens)
     const std::int64_t units = (max_length + kSplitUnit - 1) / kSplitUnit;

@@ -81,7 +81,12 @@ struct KernelArgs {
   float* q_raw;            // (batch * q_heads, P)
   float* partial_acc;      // (batch * q_heads, num_splits + 1, P)
   float* partial_ml;       // (batch * q_heads, num_splits + 1, 2)
+  int combine_parts;       // warps merging one row in combine_kernel: 1, 2 or 4
 };
+
+__device__ __forceinline__ int h_of_row(const KernelArgs& a, std::int64_t row) {  // the row's KV head
+  return static_cast<int>(row % a.q_heads) / a.group;
+}
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -161,7 +166,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) prepare_queries_kernel(KernelA
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kRowWarps + warp;
   if (row >= static_cast<std::int64_t>(a.batch) * a.q_heads) return;
-  const int h = static_cast<int>(row % a.q_heads) / a.group;
+  const int h = h_of_row(a, row);
   float q[CP];
 #pragma unroll
   for (int c = 0; c < CP; ++c) {
@@ -488,20 +493,64 @@ __global__ void __launch_bounds__(kSplitWarps * 32, SplitShape<G>::kMinBlocks) s
 
 // ---- combine ------------------------------------------------------------------------------------
 
+// One row (query head of one sequence) is merged by a.combine_parts warps of a block (1, 2 or 4): every warp finds the
+// row's maximum and sum over all slots (lanes in parallel), warp `part` accumulates the code slots part, part + parts,
+// ... kCombineUnroll at a time (independent loads in flight: few rows with many splits, as B = 1 at long contexts,
+// would otherwise wait out one L2 round trip per split), and warp 0 of the row adds the others' sums from shared
+// memory, the full-precision slot, rotates back and writes. A slot without tokens (maximum -inf) has no accumulator
+// written (the full-precision slot when there is no window), so its loads are discarded, never multiplied.
+constexpr int kCombineUnroll = 4;
+
 template <int P>
 __global__ void __launch_bounds__(kRowWarps * 32) combine_kernel(KernelArgs a) {
   constexpr int CP = P / 32;
   __shared__ float buffer[kRowWarps][P];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kRowWarps + warp;
-  if (row >= static_cast<std::int64_t>(a.batch) * a.q_heads) return;
-  const int h = static_cast<int>(row % a.q_heads) / a.group;
+  const int parts = a.combine_parts, part = warp % parts;
+  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * (kRowWarps / parts) + warp / parts;
+  const bool valid = row < static_cast<std::int64_t>(a.batch) * a.q_heads;
   const int slots = a.num_splits + 1;
-  const float* ml = a.partial_ml + row * slots * 2;
+  const float* ml = a.partial_ml + (valid ? row : 0) * slots * 2;
   float row_max = -INFINITY;
-  for (int s = lane; s < slots; s += 32) row_max = fmaxf(row_max, ml[2 * s]);
+  if (valid)
+    for (int s = lane; s < slots; s += 32) row_max = fmaxf(row_max, ml[2 * s]);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) row_max = fmaxf(row_max, __shfl_xor_sync(kFullMask, row_max, offset));
+  float rotated[CP];
+#pragma unroll
+  for (int c = 0; c < CP; ++c) rotated[c] = 0.0f;
+  if (row_max != -INFINITY) {  // false for an invalid row (the barrier below is reached by every warp)
+    const float* acc = a.partial_acc + row * slots * P + lane;
+    for (int s0 = part; s0 < a.num_splits; s0 += kCombineUnroll * parts) {
+      float weight[kCombineUnroll], x[kCombineUnroll][CP];
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u) {
+        const int s = s0 + u * parts;
+        const float m = s < a.num_splits ? ml[2 * s] : -INFINITY;
+        weight[u] = m == -INFINITY ? 0.0f : fast_exp2(m - row_max);
+#pragma unroll
+        for (int c = 0; c < CP; ++c) x[u][c] = m == -INFINITY ? 0.0f : acc[s * P + 32 * c];
+      }
+#pragma unroll
+      for (int u = 0; u < kCombineUnroll; ++u)
+#pragma unroll
+        for (int c = 0; c < CP; ++c) rotated[c] = fmaf(weight[u], x[u][c], rotated[c]);
+    }
+  }
+  if (parts > 1) {
+    if (part != 0) {
+#pragma unroll
+      for (int c = 0; c < CP; ++c) buffer[warp][32 * c + lane] = rotated[c];
+    }
+    __syncthreads();
+    if (part == 0) {
+      for (int w = warp + 1; w < warp + parts; ++w)
+#pragma unroll
+        for (int c = 0; c < CP; ++c) rotated[c] += buffer[w][32 * c + lane];
+    }
+    __syncthreads();  // buffer[warp] is the rotation's scratch below
+  }
+  if (!valid || part != 0) return;
   if (row_max == -INFINITY) {  // the row sees no token: zeros (as the CPU KVCache)
 #pragma unroll
     for (int c = 0; c < CP; ++c) store_from_float(a.out, a.out_dtype, row * P + 32 * c + lane, 0.0f);
@@ -513,23 +562,14 @@ __global__ void __launch_bounds__(kRowWarps * 32) combine_kernel(KernelArgs a) {
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
-  float rotated[CP], exact[CP];
+  float exact[CP];
+  const float window_max = ml[2 * a.num_splits];
+  const float window_weight = window_max == -INFINITY ? 0.0f : fast_exp2(window_max - row_max);
+  const float* window = a.partial_acc + (row * slots + a.num_splits) * P;
 #pragma unroll
-  for (int c = 0; c < CP; ++c) rotated[c] = exact[c] = 0.0f;
-  for (int s = 0; s < slots; ++s) {
-    const float m = ml[2 * s];
-    if (m == -INFINITY) continue;
-    const float weight = fast_exp2(m - row_max);
-    const float* source = a.partial_acc + (row * slots + s) * P;
-    if (s < a.num_splits) {
-#pragma unroll
-      for (int c = 0; c < CP; ++c) rotated[c] = fmaf(weight, source[32 * c + lane], rotated[c]);
-    } else {
-#pragma unroll
-      for (int c = 0; c < CP; ++c) exact[c] = fmaf(weight, source[32 * c + lane], exact[c]);
-    }
-  }
+  for (int c = 0; c < CP; ++c) exact[c] = window_max == -INFINITY ? 0.0f : window_weight * window[32 * c + lane];
   // Inverse value rotation of the code part (x = Pi_v^T y).
+  const int h = h_of_row(a, row);
   warp_rotate_row<P, true>(a, a.value_rotation + h * a.value_rotation_floats, buffer[warp], rotated, lane);
   const float inverse_sum = 1.0f / sum;
 #pragma unroll

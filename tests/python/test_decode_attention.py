@@ -249,6 +249,20 @@ def test_lengths_and_edges(tokens, window, sinks, qdtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("tokens,splits", [(200, (1, 7)), (600, (8, 15)), (2500, (16, 1024))])
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_combine_widths_match_cpu(tokens, splits, qdtype):
+    """The combine launch merges a row with 1, 2 or 4 warps (fewer than 8, 8-15, 16 or more splits), each warp
+    keeping several splits' loads in flight: every width, with the full-precision slot, matches the CPU cache."""
+    rng = np.random.default_rng(tokens)
+    case = Case(batch=1, kv_heads=2, group=4, tokens=tokens, window=16, sinks=4)
+    n = case.attention.num_splits(1, 8, case.n_codes)
+    assert splits[0] <= n <= splits[1], f"{tokens} tokens: {n} splits, this case wants {splits}"
+    q = case.queries(rng, _torch_dtype(qdtype))
+    _close(case.run(q), case.reference(q), qdtype)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("qdtype", PATHS)
 def test_options_off_and_float32_norms(qdtype):
     rng = np.random.default_rng(5)
