@@ -88,7 +88,7 @@ void launch_split(const attention::KernelArgs& a, dim3 grid, cudaStream_t stream
     return;
   }
   auto kernel = attention::split_mma_kernel<P, KB, VB>;
-  constexpr int kShared = attention::SplitMmaShared<P>::kBytes;
+  constexpr int kShared = attention::SplitMmaShared<P, KB, VB>::kBytes;
   if constexpr (kShared > 48 * 1024) {  // raises the kernel's dynamic shared-memory limit, once per device
     static std::atomic<int> cache[kCachedDevices] = {};
     resident_blocks(kernel, attention::kSplitWarps * 32, kShared, 1, cache);

@@ -96,6 +96,31 @@ __device__ __forceinline__ void load_words(const std::uint8_t* p, unsigned (&w)[
   }
 }
 
+// The same words from a staged tile in shared memory (aligned like the global row: 4-, 8- or 16-byte loads).
+template <int Bytes>
+__device__ __forceinline__ void load_words_shared(const std::uint8_t* p, unsigned (&w)[WordCount<Bytes>::value]) {
+  if constexpr (Bytes == 1) {
+    w[0] = *p;
+  } else if constexpr (Bytes == 2) {
+    w[0] = *reinterpret_cast<const unsigned short*>(p);
+  } else if constexpr (Bytes == 4) {
+    w[0] = *reinterpret_cast<const unsigned*>(p);
+  } else if constexpr (Bytes == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < Bytes / 16; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      w[4 * i] = v.x;
+      w[4 * i + 1] = v.y;
+      w[4 * i + 2] = v.z;
+      w[4 * i + 3] = v.w;
+    }
+  }
+}
+
 template <int Bits, int P, int N>
 struct CodeSlice {
   static constexpr int kBytes0 = N * Planes<Bits>::W0 / 8;
@@ -112,6 +137,17 @@ struct CodeSlice {
       for (int i = 0; i < WordCount<kBytes0>::value; ++i) w0[i] = 0u;
     }
     if (!Planes<Bits>::kSecond || !valid) {
+#pragma unroll
+      for (int i = 0; i < WordCount<kBytes1>::value; ++i) w1[i] = 0u;
+    }
+  }
+
+  // From a code row staged in shared memory.
+  __device__ __forceinline__ void load_shared(const std::uint8_t* code, int first) {
+    load_words_shared<kBytes0>(code + first * Planes<Bits>::W0 / 8, w0);
+    if constexpr (Planes<Bits>::kSecond) {
+      load_words_shared<kBytes1>(code + P / 4 + first / 8, w1);
+    } else {
 #pragma unroll
       for (int i = 0; i < WordCount<kBytes1>::value; ++i) w1[i] = 0u;
     }
@@ -234,6 +270,30 @@ struct MmaTile {
   float key_norm[4], value_norm[4];  // value_norm 0 and key_norm -inf for invalid tokens
 
   static constexpr int kKeyBytes = P * KB / 8, kValueBytes = P * VB / 8;  // index bytes (padded_dim == dim, mse)
+  // A staged tile (TileStage): the 16 key rows, the 16 value rows, 16 fp16 key norms, 16 fp16 value norms.
+  static constexpr int kStagedKeys = 0, kStagedValues = kTileTokens * kKeyBytes;
+  static constexpr int kStagedKeyNorms = kStagedValues + kTileTokens * kValueBytes;
+  static constexpr int kStagedValueNorms = kStagedKeyNorms + 2 * kTileTokens;
+  static constexpr int kStagedBytes = kStagedValueNorms + 2 * kTileTokens;
+
+  __device__ __forceinline__ void load_staged(const std::uint8_t* stage, int g, int r) {
+    key[0].load_shared(stage + g * kKeyBytes, r * MmaShape<P>::kKeyCoords);
+    key[1].load_shared(stage + (8 + g) * kKeyBytes, r * MmaShape<P>::kKeyCoords);
+    const int rows[4] = {2 * r, 2 * r + 1, 8 + 2 * r, 9 + 2 * r};
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      value[u].load_shared(stage + kStagedValues + rows[u] * kValueBytes, g * MmaShape<P>::kValueCoords);
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float2 k2 = __half22float2(reinterpret_cast<const __half2*>(stage + kStagedKeyNorms)[r + 4 * half]);
+      const float2 v2 = __half22float2(reinterpret_cast<const __half2*>(stage + kStagedValueNorms)[r + 4 * half]);
+      key_norm[2 * half] = k2.x;
+      key_norm[2 * half + 1] = k2.y;
+      value_norm[2 * half] = v2.x;
+      value_norm[2 * half + 1] = v2.y;
+    }
+  }
 
   __device__ __forceinline__ void load(const KernelArgs& a, int b, int h, int base, int end, int g, int r) {
     // A whole tile without a mask whose 16 rows are consecutive (contiguous layout, or pages of >= 16 tokens: a tile
@@ -418,28 +478,111 @@ __device__ __forceinline__ void mma_tile_step(const MmaTile<P, KB, VB>& tile, co
   }
 }
 
-// Dynamic shared memory of split_mma_kernel<P>: the pair tables at a multiple of kTableSlot (so up to kTableSlot - 16
-// bytes of padding before them), the per-warp accumulators of the block merge aliased onto the tables (dead by then),
-// and the query fragments and softmax statistics in the padding when they fit there, else after the tables.
-template <int P>
+// ---- tile staging (sm_90 bulk copies) ----------------------------------------------------------------
+// A warp's tiles come through a ring of two shared-memory slots: while it computes tile k, tile k + 1 is in flight
+// as bulk asynchronous copies (cp.async.bulk, one per array: key rows, value rows, key norms, value norms) that
+// complete on the slot's mbarrier; lane 0 refills the slot with tile k + 2 once tile k's words are consumed. The
+// global-load latency then overlaps the previous tile's work without prefetch registers. A tile is staged when it is
+// whole, unmasked, contiguous (contiguous layout or pages of >= 16 tokens), has fp16 norms and 16-byte aligned
+// sources; otherwise the warp loads it directly (MmaTile::load) as before.
+__device__ __forceinline__ void barrier_init(unsigned barrier) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(barrier));
+}
+
+__device__ __forceinline__ void barrier_expect(unsigned barrier, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(barrier), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void bulk_copy(unsigned destination, const void* source, unsigned bytes, unsigned barrier) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(destination), "l"(source), "r"(bytes), "r"(barrier) : "memory");
+}
+
+__device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_again:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_again;\n"
+      "}\n" ::"r"(barrier), "r"(parity) : "memory");
+}
+
+// Dynamic shared memory of split_mma_kernel<P, KB, VB>: the pair tables at a multiple of kTableSlot (so up to
+// kTableSlot - 16 bytes of padding before them), the per-warp accumulators of the block merge aliased onto the tables
+// (dead by then), the query fragments, softmax statistics and slot mbarriers ("misc") in the padding when they fit
+// there, else after the tables, and the staging slots after both. The padding is known only on the device; on H100
+// the dynamic window starts 1 KB into the block's shared memory, so it is kExpectedPadding. kBytes reserves, by
+// preference: the worst-case padding with the slots (kFull), else the expected padding with them (kLean: the kernel
+// stages only when the slots fit behind the padding it finds), else the worst case without slots (kWorst, never
+// staged); whichever fits MmaShape<P>::kMinBlocks blocks per multiprocessor (228 KB, 1 KB reserved per block).
+// d = 128: K3/V3, K2/V2, K2/V3, K3/V2 and K2/V4, K4/V2 stage (kLean); K4/V3, K3/V4, K4/V4 do not.
+template <int P, int KB, int VB>
 struct SplitMmaShared {
   static constexpr int kAccumulatorBytes = kSplitWarps * kMmaHeads * P * 4;
   static constexpr int kRegionBytes = kAccumulatorBytes > kTableBytes ? kAccumulatorBytes : kTableBytes;
   static constexpr int kFragmentBytes = MmaShape<P>::kSteps * 32 * 16;
-  static constexpr int kMiscBytes = kFragmentBytes + 2 * kSplitWarps * kMmaHeads * 4;
-  static constexpr int kBytes = kTableSlot + kRegionBytes + kMiscBytes;
+  static constexpr int kStatisticsBytes = 2 * kSplitWarps * kMmaHeads * 4;
+  static constexpr int kBarrierOffset = kFragmentBytes + kStatisticsBytes;
+  static constexpr int kMiscBytes = kBarrierOffset + 2 * kSplitWarps * 8;
+  static constexpr int kSlotBytes = (MmaTile<P, KB, VB>::kStagedBytes + 15) / 16 * 16;
+  static constexpr int kStageBytes = 2 * kSplitWarps * kSlotBytes;
+  static constexpr int kExpectedPadding = kTableSlot - 1024;
+  static constexpr int kWorst = kTableSlot + kRegionBytes + kMiscBytes;
+  static constexpr int kFull = kWorst + kStageBytes;
+  static constexpr int kLean =
+      kExpectedPadding + kRegionBytes + (kMiscBytes <= kExpectedPadding ? 0 : kMiscBytes) + kStageBytes;
+  static constexpr int kBudget = 228 * 1024 / MmaShape<P>::kMinBlocks - 1024;
+  static constexpr int kBytes = kFull <= kBudget ? kFull : kLean <= kBudget && kLean >= kWorst ? kLean : kWorst;
+  static constexpr bool kStaged = kBytes != kWorst;
 };
+
+// Whether a warp's whole tiles of sequence b, KV head h can be staged (warp-uniform, once per warp): no mask, fp16
+// norms, rows contiguous within a tile, 16-byte aligned sources. Contiguous rows of one (b, h) advance by whole
+// tiles (16 rows, a multiple of 16 bytes), and paged rows start at multiples of 16 within 16-row aligned pages, so the
+// first tile's alignment is every tile's.
+template <int P, int KB, int VB>
+__device__ __forceinline__ bool tiles_stageable(const KernelArgs& a, int b, int h, int first) {
+  using Tile = MmaTile<P, KB, VB>;
+  if (a.code_mask || (a.block_table && a.block_shift < 4) || a.norm_bytes != 2) return false;
+  const std::int64_t row0 = a.block_table ? 0 : code_row(a, b, h, first);
+  const std::uintptr_t alignment = reinterpret_cast<std::uintptr_t>(a.key_indices + row0 * Tile::kKeyBytes) |
+                                   reinterpret_cast<std::uintptr_t>(a.value_indices + row0 * Tile::kValueBytes) |
+                                   reinterpret_cast<std::uintptr_t>(a.key_norms + row0 * 2) |
+                                   reinterpret_cast<std::uintptr_t>(a.value_norms + row0 * 2);
+  return (alignment & 15u) == 0;
+}
+
+// Lane 0 issues the bulk copies of the tile at `base` into the slot at shared address `slot`.
+template <int P, int KB, int VB>
+__device__ __forceinline__ void stage_tile(const KernelArgs& a, int b, int h, int base, unsigned slot,
+                                           unsigned barrier) {
+  using Tile = MmaTile<P, KB, VB>;
+  const std::int64_t row0 = code_row(a, b, h, base);
+  barrier_expect(barrier, Tile::kStagedBytes);
+  bulk_copy(slot + Tile::kStagedKeys, a.key_indices + row0 * Tile::kKeyBytes, kTileTokens * Tile::kKeyBytes, barrier);
+  bulk_copy(slot + Tile::kStagedValues, a.value_indices + row0 * Tile::kValueBytes, kTileTokens * Tile::kValueBytes,
+            barrier);
+  bulk_copy(slot + Tile::kStagedKeyNorms, a.key_norms + row0 * 2, 2 * kTileTokens, barrier);
+  bulk_copy(slot + Tile::kStagedValueNorms, a.value_norms + row0 * 2, 2 * kTileTokens, barrier);
+}
 
 template <int P, int KB, int VB>
 __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) split_mma_kernel(KernelArgs a) {
   constexpr int S = MmaShape<P>::kSteps;
   constexpr int G = kMmaHeads;
-  using Shared = SplitMmaShared<P>;
+  using Shared = SplitMmaShared<P, KB, VB>;
+  using Tile = MmaTile<P, KB, VB>;
+  static_assert(Tile::kStagedKeyNorms % 16 == 0 && Tile::kStagedValues % 16 == 0,
+                "bulk copies need 16-byte aligned destinations");
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const unsigned shared_base = static_cast<unsigned>(__cvta_generic_to_shared(shared_bytes));
   const unsigned padding = (0u - shared_base) & (kTableSlot - 1);  // multiple of 16
   unsigned char* const region = shared_bytes + padding;
-  unsigned char* const misc = padding >= Shared::kMiscBytes ? shared_bytes : region + Shared::kRegionBytes;
+  const bool misc_in_padding = padding >= Shared::kMiscBytes;
+  unsigned char* const misc = misc_in_padding ? shared_bytes : region + Shared::kRegionBytes;
+  const unsigned stage_offset = padding + Shared::kRegionBytes + (misc_in_padding ? 0 : Shared::kMiscBytes);
+  const bool staging = Shared::kStaged && stage_offset + Shared::kStageBytes <= Shared::kBytes;  // block-uniform
   unsigned* const pair_tables = reinterpret_cast<unsigned*>(region);
   auto shared_acc = reinterpret_cast<float (*)[G][P]>(region);  // after the tile loop only
   uint4* const query_fragments = reinterpret_cast<uint4*>(misc);
@@ -460,6 +603,16 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   const int split = blockIdx.x;
   const int hq0 = h * a.group + chunk * a.chunk_heads;
   const int nh = min(a.chunk_heads, a.group - chunk * a.chunk_heads);
+  // this warp's two staging slots (shared addresses) and their mbarriers
+  const unsigned barriers = static_cast<unsigned>(__cvta_generic_to_shared(misc + Shared::kBarrierOffset)) + 16 * warp;
+  const unsigned slot_base = shared_base + stage_offset + 2 * warp * Shared::kSlotBytes;
+  if (staging) {
+    if (lane == 0) {
+      barrier_init(barriers);
+      barrier_init(barriers + 8);
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+  }
 
   // query fragments of head g (coordinates [r P / 4, (r + 1) P / 4)), scaled by 2^-e to |q| < 1: per k-step one
   // A quad {hi(4s, 4s+1), lo(4s, 4s+1), hi(4s+2, 4s+3), lo(4s+2, 4s+3)} in shared memory (every warp of the block
@@ -519,10 +672,49 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   // One tile at a time: measured on H100 (B = 32, 32K, K3/V3) 13% faster than keeping the next tile's loads in
   // flight, which costs ~40 registers and so one block per SM (4 vs 3 blocks of 4 warps); the latency is hidden by
   // more warps instead (5 blocks per SM at d <= 128, 96 registers).
-  for (int base = begin + warp * kTileTokens; base < end; base += kStride) {
-    MmaTile<P, KB, VB> tile;
-    tile.load(a, b, h, base, end, g, r);
-    mma_tile_step<P, KB, VB>(tile, query_fragments, query_scale, key_table, value_table, lane, st);
+  if (staging) {
+    // ring of two slots: tile k in slot k & 1; staged_bits bit s: slot s holds a staged tile, parity_bits bit s: the
+    // parity of slot s's next mbarrier phase
+    const int first = begin + warp * kTileTokens;
+    const bool stageable = tiles_stageable<P, KB, VB>(a, b, h, first);
+    unsigned staged_bits = 0u, parity_bits = 0u;
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int base = first + s * kStride;
+      if (stageable && base + kTileTokens <= end) {
+        if (lane == 0) stage_tile<P, KB, VB>(a, b, h, base, slot_base + s * Shared::kSlotBytes, barriers + 8 * s);
+        staged_bits |= 1u << s;
+      }
+    }
+    int slot = 0;
+    for (int base = first; base < end; base += kStride, slot ^= 1) {
+      MmaTile<P, KB, VB> tile;
+      if (staged_bits & (1u << slot)) {
+        barrier_wait(barriers + 8 * slot, (parity_bits >> slot) & 1u);
+        parity_bits ^= 1u << slot;
+        tile.load_staged(shared_bytes + stage_offset + (2 * warp + slot) * Shared::kSlotBytes, g, r);
+      } else {
+        tile.load(a, b, h, base, end, g, r);
+      }
+      mma_tile_step<P, KB, VB>(tile, query_fragments, query_scale, key_table, value_table, lane, st);
+      // the slot's words are consumed (every lane's reads precede lane 0's next bulk copy into it)
+      staged_bits &= ~(1u << slot);
+      const int next = base + 2 * kStride;
+      if (stageable && next + kTileTokens <= end) {
+        __syncwarp();
+        if (lane == 0) {
+          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+          stage_tile<P, KB, VB>(a, b, h, next, slot_base + slot * Shared::kSlotBytes, barriers + 8 * slot);
+        }
+        staged_bits |= 1u << slot;
+      }
+    }
+  } else {
+    for (int base = begin + warp * kTileTokens; base < end; base += kStride) {
+      MmaTile<P, KB, VB> tile;
+      tile.load(a, b, h, base, end, g, r);
+      mma_tile_step<P, KB, VB>(tile, query_fragments, query_scale, key_table, value_table, lane, st);
+    }
   }
 
   // head g's sum over the quad; the accumulator columns (heads 2r, 2r + 1) times 2^E
