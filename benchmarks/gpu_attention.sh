@@ -2,7 +2,7 @@
 # Device script of the fused decode attention (issue 6): build with CUDA sm_90, the attention tests,
 # benchmarks/bench_attention.py, optionally ncu on one shape and compute-sanitizer memcheck / racecheck on a small
 # script. Logs go to $OUT: build.log  attention_tests.log  bench_attention.txt  ncu_attention.txt  memcheck.log ...
-# Stages: SKIP_TESTS=1 SKIP_BENCH=1 PROFILE=1 SANITIZE=1; BENCH_ARGS / PYTEST_ARGS / EXTRA_TESTS pass options.
+# Stages: SKIP_TESTS=1 SKIP_BENCH=1 PROFILE=1 STALLS=1 DURATIONS=1 SASS=1 SANITIZE=1; BENCH_ARGS / PYTEST_ARGS / EXTRA_TESTS pass options.
 set -euo pipefail
 
 # shellcheck source=benchmarks/gpu_build.sh
