@@ -168,6 +168,50 @@ void launch_scores_typed(const codec::CodecArgs& args, std::int64_t n, std::int6
                                                                                   out);
 }
 
+// The status words of the input checks (docs/cuda_codec.md): three row indices, kNoRow when nothing was found, in
+// device memory with a pinned host mirror.
+constexpr std::size_t kStatusBytes = 4 * sizeof(unsigned long long);
+
+void allocate_status(unsigned long long*& status, unsigned long long*& host_status, const char* context) {
+  ROTORQUANT_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&status), kStatusBytes), context);
+  ROTORQUANT_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_status), kStatusBytes), context);
+}
+
+void free_status(unsigned long long*& status, unsigned long long*& host_status) noexcept {
+  if (status) cudaFree(status);
+  status = nullptr;
+  if (host_status) cudaFreeHost(host_status);
+  host_status = nullptr;
+}
+
+void reset_status(unsigned long long* status, cudaStream_t stream, const std::string& what) {
+  ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status, 0xFF, 3 * sizeof(unsigned long long), stream), what.c_str());
+}
+
+// Copies the status back (synchronizing the stream) and throws the first problem a kernel reported: row_at / code_at
+// name a reported index in the message ("row 5", "code 5", or a head / group / row position).
+template <typename RowAt, typename CodeAt>
+void raise_reported(const unsigned long long* status, unsigned long long* host_status, cudaStream_t stream,
+                    const char* what, NormDtype norm_dtype, RowAt row_at, CodeAt code_at) {
+  ROTORQUANT_CUDA_CHECK(
+      cudaMemcpyAsync(host_status, status, 3 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream), what);
+  ROTORQUANT_CUDA_CHECK(cudaStreamSynchronize(stream), what);
+  const std::string name(what);
+  if (host_status[0] != kNoRow) {
+    throw ValueError(name + ": " + row_at(host_status[0]) +
+                     " contains non-finite values (NaN or Inf): expected finite values");
+  }
+  if (host_status[1] != kNoRow) {
+    throw ValueError(name + ": the norm of " + row_at(host_status[1]) + " overflows " + norm_dtype_name(norm_dtype) +
+                     (norm_dtype == NormDtype::kFloat16 ? ": expected norms <= 65504, use norm_dtype=\"float32\""
+                                                        : ": expected norms <= 3.4e38"));
+  }
+  if (host_status[2] != kNoRow) {
+    throw ValueError(expected_got(name + ": stored norm of " + code_at(host_status[2]), "a finite value >= 0",
+                                  "a corrupted value"));
+  }
+}
+
 }  // namespace
 
 DeviceQuantizer::DeviceQuantizer(const Quantizer& quantizer, int device)
@@ -255,9 +299,7 @@ DeviceQuantizer::DeviceQuantizer(const Quantizer& quantizer, int device)
       qjl_transposed_ = upload(transposed, context);
       qjl_matrix_ = upload(pad_columns(s.data(), qjl_dim_, p, columns_), context);
     }
-    ROTORQUANT_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&status_), 4 * sizeof(unsigned long long)), context);
-    ROTORQUANT_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_status_), 4 * sizeof(unsigned long long)),
-                          context);
+    allocate_status(status_, host_status_, context);
     if (rotation.kind() != RotationKind::kHadamard || p <= kMaxDeviceHadamardPaddedDim) {
       rotation_ = std::make_unique<DeviceRotation>(rotation, device_);
     }
@@ -283,10 +325,7 @@ void DeviceQuantizer::release() noexcept {
   }
   if (dense_fragments_) cudaFree(dense_fragments_);
   dense_fragments_ = nullptr;
-  if (status_) cudaFree(status_);
-  status_ = nullptr;
-  if (host_status_) cudaFreeHost(host_status_);
-  host_status_ = nullptr;
+  free_status(status_, host_status_);
   if (previous != device_) cudaSetDevice(previous);
   cudaGetLastError();
 }
@@ -325,26 +364,10 @@ codec::PlaneInfo plane_info(const PlaneLayout& layout) {
 void DeviceQuantizer::finish_checks(void* stream, const char* what, bool check) const {
   detail::check_launch(what);
   if (!check) return;
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  ROTORQUANT_CUDA_CHECK(cudaMemcpyAsync(host_status_, status_, 3 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, s),
-                        what);
-  ROTORQUANT_CUDA_CHECK(cudaStreamSynchronize(s), what);
-  const std::string name(what);
-  if (host_status_[0] != kNoRow) {
-    throw ValueError(name + ": row " + std::to_string(host_status_[0]) +
-                     " contains non-finite values (NaN or Inf): expected finite values");
-  }
-  if (host_status_[1] != kNoRow) {
-    throw ValueError(name + ": the norm of row " + std::to_string(host_status_[1]) + " overflows " +
-                     norm_dtype_name(params_.norm_dtype) +
-                     (params_.norm_dtype == NormDtype::kFloat16
-                          ? ": expected norms <= 65504, use norm_dtype=\"float32\""
-                          : ": expected norms <= 3.4e38"));
-  }
-  if (host_status_[2] != kNoRow) {
-    throw ValueError(expected_got(name + ": stored norm of code " + std::to_string(host_status_[2]),
-                                  "a finite value >= 0", "a corrupted value"));
-  }
+  raise_reported(
+      status_, host_status_, static_cast<cudaStream_t>(stream), what, params_.norm_dtype,
+      [](unsigned long long row) { return "row " + std::to_string(row); },
+      [](unsigned long long code) { return "code " + std::to_string(code); });
 }
 
 // The arguments every kernel takes: the code arrays of `n` vectors (checked for presence and norm alignment)
@@ -403,7 +426,7 @@ void DeviceQuantizer::encode(const float* x, std::int64_t n, const CodesView& ou
   std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
   if (check) lock.lock();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+  if (check) reset_status(status_, s, what);
   // mse mode, bits 2..4: dense at dim 64 / 128 the tensor-core kernel, the other kinds at dim 64 / 128 / 256 the
   // fast kernel; everything else (and an x that is not 16-byte aligned) the general one
   const bool fused =
@@ -435,7 +458,7 @@ void DeviceQuantizer::decode(const ConstCodesView& codes, std::int64_t n, void* 
   std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
   if (check) lock.lock();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+  if (check) reset_status(status_, s, what);
   dispatch(params_.rotation, chunks_, nullptr, args, out, dtype, false, multiprocessor_count_, s);
   finish_checks(stream, what.c_str(), check);
 }
@@ -464,7 +487,7 @@ void DeviceQuantizer::scores(const ConstCodesView& codes, std::int64_t n, std::i
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const std::int64_t count = heads * group;
   if (check) {
-    ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+    reset_status(status_, s, what);
     const std::int64_t total = count * dim_;
     const unsigned blocks = static_cast<unsigned>(std::max<std::int64_t>(1, std::min<std::int64_t>((total + 255) / 256, multiprocessor_count_ * 8)));
     codec::find_nonfinite_rows_kernel<<<blocks, 256, 0, s>>>(queries, count, dim_, status_);
@@ -595,9 +618,7 @@ DeviceQuantizerGroup::DeviceQuantizerGroup(const std::vector<const Quantizer*>& 
                                     m.qjl_matrix_, m.dense_fragments_, m.dense_error_base_, m.dense_error_slope_};
     }
     head_tables_ = upload(tables, context);
-    ROTORQUANT_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&status_), 4 * sizeof(unsigned long long)), context);
-    ROTORQUANT_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_status_), 4 * sizeof(unsigned long long)),
-                          context);
+    allocate_status(status_, host_status_, context);
   } catch (...) {
     release();
     throw;
@@ -615,10 +636,7 @@ void DeviceQuantizerGroup::release() noexcept {
   if (previous != device_) cudaSetDevice(device_);
   if (head_tables_) cudaFree(head_tables_);
   head_tables_ = nullptr;
-  if (status_) cudaFree(status_);
-  status_ = nullptr;
-  if (host_status_) cudaFreeHost(host_status_);
-  host_status_ = nullptr;
+  free_status(status_, host_status_);
   if (previous != device_) cudaSetDevice(previous);
   cudaGetLastError();
 }
@@ -641,31 +659,14 @@ void DeviceQuantizerGroup::finish_checks(void* stream, const char* what, bool ch
                                          std::int64_t groups) const {
   detail::check_launch(what);
   if (!check) return;
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  ROTORQUANT_CUDA_CHECK(cudaMemcpyAsync(host_status_, status_, 3 * sizeof(unsigned long long), cudaMemcpyDeviceToHost, s),
-                        what);
-  ROTORQUANT_CUDA_CHECK(cudaStreamSynchronize(s), what);
   // a reported row is (head * groups + group) * n + row
   const auto where = [&](unsigned long long flat) {
     const std::int64_t f = static_cast<std::int64_t>(flat);
     return "head " + std::to_string(f / n / groups) + ", group " + std::to_string(f / n % groups) + ", row " +
            std::to_string(f % n);
   };
-  const std::string name(what);
-  const QuantizerParams& p = params();
-  if (host_status_[0] != kNoRow) {
-    throw ValueError(name + ": " + where(host_status_[0]) +
-                     " contains non-finite values (NaN or Inf): expected finite values");
-  }
-  if (host_status_[1] != kNoRow) {
-    throw ValueError(name + ": the norm of " + where(host_status_[1]) + " overflows " + norm_dtype_name(p.norm_dtype) +
-                     (p.norm_dtype == NormDtype::kFloat16 ? ": expected norms <= 65504, use norm_dtype=\"float32\""
-                                                          : ": expected norms <= 3.4e38"));
-  }
-  if (host_status_[2] != kNoRow) {
-    throw ValueError(expected_got(name + ": stored norm of the code at " + where(host_status_[2]),
-                                  "a finite value >= 0", "a corrupted value"));
-  }
+  raise_reported(status_, host_status_, static_cast<cudaStream_t>(stream), what, params().norm_dtype, where,
+                 [&](unsigned long long flat) { return "the code at " + where(flat); });
 }
 
 void DeviceQuantizerGroup::encode(const float* x, std::int64_t n, const HeadLayout& layout, const CodesView& out,
@@ -688,7 +689,7 @@ void DeviceQuantizerGroup::encode(const float* x, std::int64_t n, const HeadLayo
   std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
   if (check) lock.lock();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+  if (check) reset_status(status_, s, what);
   // the same kernel choice as DeviceQuantizer::encode (the per-head fragments and bounds come from the head tables)
   const int sms = first.multiprocessor_count_;
   const bool fused =
@@ -720,7 +721,7 @@ void DeviceQuantizerGroup::decode(const ConstCodesView& codes, std::int64_t n, c
   std::unique_lock<std::mutex> lock(check_mutex_, std::defer_lock);
   if (check) lock.lock();
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (check) ROTORQUANT_CUDA_CHECK(cudaMemsetAsync(status_, 0xFF, 3 * sizeof(unsigned long long), s), what.c_str());
+  if (check) reset_status(status_, s, what);
   dispatch(first.params_.rotation, first.chunks_, nullptr, args, out, dtype, false, first.multiprocessor_count_, s);
   finish_checks(stream, what.c_str(), check, n, layout.groups);
 }
