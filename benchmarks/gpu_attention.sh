@@ -2,7 +2,7 @@
 # Device script of the fused decode attention (issue 6): build with CUDA sm_90, the attention tests,
 # benchmarks/bench_attention.py, optionally ncu on one shape and compute-sanitizer memcheck / racecheck on a small
 # script. Logs go to $OUT: build.log  attention_tests.log  bench_attention.txt  ncu_attention.txt  memcheck.log ...
-# Stages: SKIP_TESTS=1 SKIP_BENCH=1 PROFILE=1 STALLS=1 DURATIONS=1 SASS=1 SANITIZE=1; BENCH_ARGS / PYTEST_ARGS / EXTRA_TESTS pass options.
+# Stages: SKIP_TESTS=1 SKIP_BENCH=1 PROFILE=1 STALLS=1 SOURCE=1 DURATIONS=1 SASS=1 SANITIZE=1; BENCH_ARGS / PYTEST_ARGS / EXTRA_TESTS pass options.
 set -euo pipefail
 
 # shellcheck source=benchmarks/gpu_build.sh
@@ -60,9 +60,8 @@ if [ -n "${PROFILE:-}" ]; then
   fi
 fi
 
-if [ -n "${STALLS:-}" ]; then  # stall reasons and shared-memory wavefronts of the tensor-core split kernel, K/V bits
-  # from STALL_BITS (default "3/3"), GQA 4, B = 32, 8K tokens
-  cat > /tmp/rq_attention_one.py <<'PY'
+# One call per K/V bit pair given as arguments ("3/3"), GQA 4, B = 32, 8K tokens (STALLS and SOURCE profile it).
+cat > /tmp/rq_attention_one.py <<'PY'
 import sys
 import torch
 import rotorquant as rq
@@ -83,6 +82,9 @@ for pair in sys.argv[1:]:
     torch.cuda.synchronize()
     print(pair, float(out.float().abs().mean()), flush=True)
 PY
+
+if [ -n "${STALLS:-}" ]; then  # stall reasons and shared-memory wavefronts of the tensor-core split kernel, K/V bits
+  # from STALL_BITS (default "3/3")
   NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
   reasons="long_scoreboard short_scoreboard mio_throttle math_pipe_throttle wait barrier not_selected selected \
     dispatch_stall lg_throttle tex_throttle no_instruction branch_resolving drain membar sleeping imc_miss misc"
@@ -97,6 +99,18 @@ PY
     timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --metrics "$metrics" -k regex:"split_mma" \
       python3 /tmp/rq_attention_one.py ${STALL_BITS:-3/3} > "$OUT/ncu_stalls.txt" 2>&1
     note "ncu stalls exit: $?"
+  fi
+fi
+
+if [ -n "${SOURCE:-}" ]; then  # warp-state samples per SASS instruction of one split_mma launch (K/V from STALL_BITS)
+  NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
+  if [ -n "$NCU" ]; then
+    timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --section SourceCounters --section WarpStateStats -k regex:"split_mma" -c 1 \
+      -f -o /tmp/rq_source python3 /tmp/rq_attention_one.py ${STALL_BITS:-3/3} > "$OUT/ncu_source.log" 2>&1
+    note "ncu source exit: $?"
+    "$NCU" --import /tmp/rq_source.ncu-rep --page source --csv --print-source sass > "$OUT/source_sass.csv" 2>&1
+    note "source page exit: $? ($(wc -l < "$OUT/source_sass.csv") lines)"
+    "$NCU" --import /tmp/rq_source.ncu-rep --page details > "$OUT/source_details.txt" 2>&1 || true
   fi
 fi
 

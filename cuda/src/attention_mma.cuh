@@ -171,6 +171,18 @@ struct PairCopies {
 constexpr int kTableSlot = 8192;
 constexpr int kKeyLowOffset = kTableSlot, kValueOffset = 2 * kTableSlot, kTableBytes = 3 * kTableSlot;
 
+// The 3-bit key table is byte-addressed instead (see pair_bytes, byte_entry): entries kByteEntryBytes apart, entry t
+// holding the 32 copies of its value at words [64 t, 64 t + 32) and the 32 copies of its fp16 remainders at
+// +kByteLowOffset, so one byte permute turns a pair's 6-bit field into the entry's address. It fills the two slots
+// of the OR-addressed key tables (16 KB). The value table stays OR-addressed: a byte-addressed one would take two
+// slots with half of them unused, and the 8 KB more cost the tile staging at d = 128 (measured on H100: K3/V3 4 %
+// slower, B = 32 / 32K and 128K).
+template <int Bits>
+struct ByteTable {
+  static constexpr bool value = Bits == 3;
+};
+constexpr int kByteEntryBytes = 256, kByteLowOffset = 128;
+
 // Shared address in the pair table at `table` (its base ORed with the lane's copy offset) of the pair field `pair`
 // (the coordinates 2 pair, 2 pair + 1 of plane words laid out like a code slice, or the token-interleaved words of
 // two slices): plane-0 field of 2 W0 bits, plane-1 field of 2.
@@ -186,6 +198,52 @@ __device__ __forceinline__ unsigned pair_address(unsigned table, const unsigned 
     address |= place_field(w1[bit1 >> 5], bit1 & 31, 2, kEntryShift + 2 * W0);
   }
   return address;
+}
+
+// The 6-bit pair fields of 16 pairs of 3-bit codes as 4 words of one byte per pair: lo / hi hold the plane-0 fields
+// (4 bits) of pairs 0-7 / 8-15 as nibbles, p1 the plane-1 fields (2 bits) of pairs 0-15. Word c, byte k = pair
+// c + 4 k: its nibble in bits 0-3 and its plane-1 field in bits 4-5 (the pair-table index of pair_indices<3>), plus
+// `bias` (byte_bias: the table's address bits 8-15 in every byte). About 5 instructions per word instead of 2 shifts,
+// 2 mask-ors per lookup.
+__device__ __forceinline__ void pair_bytes(unsigned lo, unsigned hi, unsigned p1, unsigned bias, unsigned (&t)[4]) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    // pairs c, c + 4 of lo and of hi: nibble c % 2 of bytes c / 2 and c / 2 + 2
+    const unsigned x = __byte_perm(lo, hi, (c / 2) | ((c / 2 + 2) << 4) | ((c / 2 + 4) << 8) | ((c / 2 + 6) << 12));
+    const unsigned nibbles = ((c & 1) ? x >> 4 : x) & 0x0F0F0F0Fu;
+    // pair c + 4 k's plane-1 field: bits 2 c + 8 k of p1, moved to bit 4 of byte k
+    const unsigned second = c < 3 ? p1 << (4 - 2 * c) : p1 >> 2;
+    t[c] = nibbles + (second & 0x30303030u) + bias;
+  }
+}
+
+// A byte-addressed table at shared address `table` (a multiple of kTableSlot) is read at table + lane's copy offset
+// + 256 e (+ kByteLowOffset). The pair field e <= 63 is added to the table's address bits 8-15 in advance (the bias in
+// every byte of the pair_bytes words), so a byte permute that puts the biased byte over bits 8-15 of `lane_address`
+// (table + 4 lane) yields the entry's whole address: no add per lookup. This needs the table's bits 8-15 plus 63 to
+// stay below 256, i.e. the table not to cross a multiple of 64 KB (byte_table_fits).
+__device__ __forceinline__ unsigned byte_bias(unsigned table) { return __byte_perm(table, 0u, 0x1111); }
+
+__device__ __forceinline__ bool byte_table_fits(unsigned table) { return ((table >> 8) & 0xFFu) + 63u <= 0xFFu; }
+
+// Whether the byte-addressed key table fits when `reserved` bytes precede the dynamic shared memory (the kernel has
+// no static shared memory, so its tables start at the first multiple of kTableSlot after them): within one 64 KB
+// window (byte_table_fits).
+__host__ __device__ constexpr bool byte_table_fits_after(int reserved) {
+  return ((reserved + kTableSlot - 1) / kTableSlot * kTableSlot) % 65536 + 64 * kByteEntryBytes <= 65536;
+}
+static_assert(byte_table_fits_after(1024), "sm_80 - sm_90 reserve 1 KB of shared memory per block");
+
+// Shared address of pair j (0-15) of biased pair_bytes words t in the table of `lane_address`.
+__device__ __forceinline__ unsigned byte_entry(const unsigned (&t)[4], int j, unsigned lane_address) {
+  return __byte_perm(t[j & 3], lane_address, 0x7604 | ((j >> 2) << 4));
+}
+
+// Two 1-bit planes of 16 coordinates (bits 0-15 of a and b: token a's and b's plane-1 bits) as the p1 word of
+// pair_bytes for token pairs: field j < 8 = (a, b) at coordinate 2 j, field 8 + j = (a, b) at coordinate 2 j + 1.
+__device__ __forceinline__ unsigned token_pair_bits(unsigned a, unsigned b) {
+  const unsigned sa = (a | (a << 15)) & 0x55555555u, sb = (b | (b << 15)) & 0x55555555u;
+  return sa | (sb << 1);
 }
 
 __device__ __forceinline__ unsigned shared_word(unsigned shared_address) {
@@ -252,6 +310,29 @@ __device__ __forceinline__ void fill_pair_table(unsigned* table, const float* ce
       table[i] = pair_table_value<Bits>(centroids, i / kCopies, low);
     }
   }
+}
+
+// Writes the byte-addressed 3-bit key table at `table` (16-byte aligned), the block's threads together: entry t's
+// copies of its value, then of its fp16 remainders.
+__device__ __forceinline__ void fill_byte_pair_table(unsigned* table, const float* centroids) {
+  constexpr int kQuads = kByteEntryBytes / 16;  // 16-byte stores per entry
+  static_assert(64 * kByteEntryBytes == 2 * kTableSlot, "a byte-addressed table fills two slots");
+  for (int i = threadIdx.x; i < 64 * kQuads; i += blockDim.x) {
+    const unsigned v = pair_table_value<3>(centroids, i / kQuads, i % kQuads >= kQuads / 2);
+    reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
+  }
+}
+
+// The pair tables of split_mma_kernel<P, KB, VB> at `tables` (a multiple of kTableSlot, kTableBytes).
+template <int KB, int VB>
+__device__ __forceinline__ void fill_pair_tables(unsigned* tables, const float* centroids) {
+  if constexpr (ByteTable<KB>::value) {
+    fill_byte_pair_table(tables, centroids);
+  } else {
+    fill_pair_table<KB>(tables, centroids, false);
+    fill_pair_table<KB>(tables + kKeyLowOffset / 4, centroids, true);
+  }
+  fill_pair_table<VB>(tables + kValueOffset / 4, centroids + kTableSize, false);
 }
 
 template <int P>
@@ -368,6 +449,103 @@ struct MmaState {
   float acc[MmaShape<P>::kSteps][4];
 };
 
+// Shared addresses of a tile's key pair entries (the lane's tokens g and 8 + g): from OR-addressed tables, the pair
+// field is assembled from the plane words at each lookup (pair_address); `table` carries the lane's copy offset.
+template <int P, int KB, bool Byte = ByteTable<KB>::value>
+struct KeyLookup {
+  using Slice = CodeSlice<KB, P, MmaShape<P>::kKeyCoords>;
+  const Slice (&key)[2];
+  unsigned table;
+  __device__ __forceinline__ KeyLookup(const Slice (&k)[2], unsigned t, int) : key(k), table(t) {}
+  __device__ __forceinline__ unsigned address(int token, int pair) const {
+    return pair_address<KB>(table, key[token].w0, key[token].w1, pair);
+  }
+  __device__ __forceinline__ static unsigned remainder(unsigned address) { return shared_word_key_low(address); }
+};
+
+// From a byte-addressed table (3 bits) at `table`: the fields are rearranged once per tile into biased pair_bytes
+// words, and a lookup is one byte permute.
+template <int P, int KB>
+struct KeyLookup<P, KB, true> {
+  using Slice = CodeSlice<KB, P, MmaShape<P>::kKeyCoords>;
+  static constexpr int kGroups = (MmaShape<P>::kKeyCoords / 2 + 15) / 16;  // groups of 16 pairs
+  static constexpr int N0 = WordCount<Slice::kBytes0>::value;
+  unsigned bytes[2][kGroups][4];
+  unsigned lane_address;
+  __device__ __forceinline__ KeyLookup(const Slice (&key)[2], unsigned table, int lane)
+      : lane_address(table + ((lane & 31) << 2)) {
+    const unsigned bias = byte_bias(table);
+#pragma unroll
+    for (int token = 0; token < 2; ++token) {
+#pragma unroll
+      for (int group = 0; group < kGroups; ++group) {
+        const unsigned hi = 2 * group + 1 < N0 ? key[token].w0[2 * group + 1] : 0u;
+        pair_bytes(key[token].w0[2 * group], hi, key[token].w1[group], bias, bytes[token][group]);
+      }
+    }
+  }
+  __device__ __forceinline__ unsigned address(int token, int pair) const {
+    return byte_entry(bytes[token][pair >> 4], pair & 15, lane_address);
+  }
+  __device__ __forceinline__ static unsigned remainder(unsigned address) {
+    return shared_word(address + kByteLowOffset);
+  }
+};
+
+// Shared addresses of a tile's value pair entries: token pair u (tokens 2r, 2r + 1 or 8 + 2r, 9 + 2r) at the lane's
+// local coordinate 2 i (even) or 2 i + 1 (odd), in the OR-addressed value table (`table` carries the lane's copy
+// offset). 2 and 4 bits: the two tokens' plane words interleaved field by field, one field per lookup.
+template <int P, int VB, bool Bytes = Planes<VB>::kSecond>
+struct ValueLookup {
+  using Slice = CodeSlice<VB, P, MmaShape<P>::kValueCoords>;
+  static constexpr int N0 = WordCount<Slice::kBytes0>::value, N1 = WordCount<Slice::kBytes1>::value;
+  unsigned even0[2][N0], odd0[2][N0], even1[2][N1], odd1[2][N1];
+  unsigned table;
+  __device__ __forceinline__ ValueLookup(const Slice (&value)[4], unsigned t) : table(t) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      interleave_tokens<Planes<VB>::W0, N0>(value[2 * u].w0, value[2 * u + 1].w0, even0[u], odd0[u]);
+#pragma unroll
+      for (int i = 0; i < N1; ++i) even1[u][i] = odd1[u][i] = 0u;
+    }
+  }
+  __device__ __forceinline__ unsigned address(int u, int i, bool odd) const {
+    // pair field i of the interleaved words = the lane's local coordinate 2 i (even) / 2 i + 1 (odd)
+    return odd ? pair_address<VB>(table, odd0[u], odd1[u], i) : pair_address<VB>(table, even0[u], even1[u], i);
+  }
+};
+
+// 3 bits: per token pair, 16 coordinates at a time, the nibbles of the plane-0 interleave and the interleaved
+// plane-1 bits (token_pair_bits) as pair_bytes words (coordinate 2 i + o of a group is its pair 8 o + i), so a lookup
+// moves one 6-bit field (a shift and a mask-or) instead of a 4- and a 2-bit one.
+template <int P, int VB>
+struct ValueLookup<P, VB, true> {
+  using Slice = CodeSlice<VB, P, MmaShape<P>::kValueCoords>;
+  static constexpr int kGroups = (MmaShape<P>::kValueCoords + 15) / 16;  // groups of 16 coordinates
+  static constexpr int N0 = WordCount<Slice::kBytes0>::value;
+  unsigned bytes[2][kGroups][4];
+  unsigned table;
+  __device__ __forceinline__ ValueLookup(const Slice (&value)[4], unsigned t) : table(t) {
+    static_assert(N0 == kGroups, "one plane-0 word per 16 coordinates");
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      unsigned even[N0], odd[N0];
+      interleave_tokens<2, N0>(value[2 * u].w0, value[2 * u + 1].w0, even, odd);
+#pragma unroll
+      for (int group = 0; group < kGroups; ++group) {
+        const int word = group / 2, shift = 16 * (group % 2);
+        const unsigned a = (value[2 * u].w1[word] >> shift) & 0xFFFFu;
+        const unsigned b = (value[2 * u + 1].w1[word] >> shift) & 0xFFFFu;
+        pair_bytes(even[group], odd[group], token_pair_bits(a, b), 0u, bytes[u][group]);
+      }
+    }
+  }
+  __device__ __forceinline__ unsigned address(int u, int i, bool odd) const {
+    const int j = (i & 7) + (odd ? 8 : 0);
+    return table | place_field(bytes[u][i >> 3][j & 3], 8 * (j >> 2), 6, 2 + PairCopies<VB>::kLog2);
+  }
+};
+
 template <int P, int KB, int VB>
 __device__ __forceinline__ void mma_tile_step(const MmaTile<P, KB, VB>& tile, const uint4* query_fragments,
                                               float query_scale, unsigned key_table, unsigned value_table, int lane,
@@ -378,19 +556,18 @@ __device__ __forceinline__ void mma_tile_step(const MmaTile<P, KB, VB>& tile, co
   // products accumulate in separate registers (two dependency chains instead of one)
   float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   float t0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, t1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const KeyLookup<P, KB> keys(tile.key, key_table, lane);
 #pragma unroll
   for (int s = 0; s < S; ++s) {
-    const unsigned e00 = pair_address<KB>(key_table, tile.key[0].w0, tile.key[0].w1, 2 * s);
-    const unsigned e01 = pair_address<KB>(key_table, tile.key[0].w0, tile.key[0].w1, 2 * s + 1);
-    const unsigned e10 = pair_address<KB>(key_table, tile.key[1].w0, tile.key[1].w1, 2 * s);
-    const unsigned e11 = pair_address<KB>(key_table, tile.key[1].w0, tile.key[1].w1, 2 * s + 1);
+    const unsigned e00 = keys.address(0, 2 * s), e01 = keys.address(0, 2 * s + 1);
+    const unsigned e10 = keys.address(1, 2 * s), e11 = keys.address(1, 2 * s + 1);
     // A rows 0-7: the queries' fp16 values, rows 8-15: their fp16 remainders; B: the keys' fp16 centroids, then
     // their remainders (same A registers). C rows 0-7 + rows 8-15 = (q_hi + q_lo)(k_hi + k_lo) = q k to fp32.
     const uint4 a = query_fragments[s * 32 + lane];
     mma_16816(s0, a.x, a.y, a.z, a.w, shared_word(e00), shared_word(e01));
     mma_16816(s1, a.x, a.y, a.z, a.w, shared_word(e10), shared_word(e11));
-    mma_16816(t0, a.x, a.y, a.z, a.w, shared_word_key_low(e00), shared_word_key_low(e01));
-    mma_16816(t1, a.x, a.y, a.z, a.w, shared_word_key_low(e10), shared_word_key_low(e11));
+    mma_16816(t0, a.x, a.y, a.z, a.w, keys.remainder(e00), keys.remainder(e01));
+    mma_16816(t1, a.x, a.y, a.z, a.w, keys.remainder(e10), keys.remainder(e11));
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -453,27 +630,11 @@ __device__ __forceinline__ void mma_tile_step(const MmaTile<P, KB, VB>& tile, co
   const unsigned p01 = pack_half2(w[0], w[1]), p23 = pack_half2(w[2], w[3]);
 
   // value product: A = V^T (rows: this lane's coordinates 2i, 2i + 1 of its slice; k: the tokens)
-  constexpr int W0 = Planes<VB>::W0;
-  constexpr int N0 = WordCount<CodeSlice<VB, P, MmaShape<P>::kValueCoords>::kBytes0>::value;
-  constexpr int N1 = WordCount<CodeSlice<VB, P, MmaShape<P>::kValueCoords>::kBytes1>::value;
-  unsigned even0[2][N0], odd0[2][N0], even1[2][N1], odd1[2][N1];
-#pragma unroll
-  for (int pair = 0; pair < 2; ++pair) {
-    interleave_tokens<W0, N0>(tile.value[2 * pair].w0, tile.value[2 * pair + 1].w0, even0[pair], odd0[pair]);
-    if constexpr (Planes<VB>::kSecond) {
-      interleave_tokens<1, N1>(tile.value[2 * pair].w1, tile.value[2 * pair + 1].w1, even1[pair], odd1[pair]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < N1; ++i) even1[pair][i] = odd1[pair][i] = 0u;
-    }
-  }
+  const ValueLookup<P, VB> values(tile.value, value_table);
 #pragma unroll
   for (int i = 0; i < S; ++i) {
-    // pair field i of the interleaved words = the lane's local coordinate 2 i (even) / 2 i + 1 (odd)
-    const unsigned a0 = shared_word(pair_address<VB>(value_table, even0[0], even1[0], i));
-    const unsigned a1 = shared_word(pair_address<VB>(value_table, odd0[0], odd1[0], i));
-    const unsigned a2 = shared_word(pair_address<VB>(value_table, even0[1], even1[1], i));
-    const unsigned a3 = shared_word(pair_address<VB>(value_table, odd0[1], odd1[1], i));
+    const unsigned a0 = shared_word(values.address(0, i, false)), a1 = shared_word(values.address(0, i, true));
+    const unsigned a2 = shared_word(values.address(1, i, false)), a3 = shared_word(values.address(1, i, true));
     mma_16816(st.acc[i], a0, a1, a2, a3, p01, p23);
   }
 }
@@ -589,13 +750,18 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   auto shared_m = reinterpret_cast<float (*)[G]>(misc + Shared::kFragmentBytes);
   auto shared_l = reinterpret_cast<float (*)[G]>(misc + Shared::kFragmentBytes + kSplitWarps * G * 4);
 
-  fill_pair_table<KB>(pair_tables, a.centroids, false);
-  fill_pair_table<KB>(pair_tables + kKeyLowOffset / 4, a.centroids, true);
-  fill_pair_table<VB>(pair_tables + kValueOffset / 4, a.centroids + kTableSize, false);
+  fill_pair_tables<KB, VB>(pair_tables, a.centroids);
+  // OR-addressed tables: the base ORed with the lane's copy offset; byte-addressed ones: the base alone
   const unsigned lane_bits = threadIdx.x & 31;
-  const unsigned key_table = (shared_base + padding) | ((lane_bits & (PairCopies<KB>::value - 1)) << 2);
+  const unsigned key_table = ByteTable<KB>::value ? shared_base + padding
+                                                  : (shared_base + padding) |
+                                                        ((lane_bits & (PairCopies<KB>::value - 1)) << 2);
   const unsigned value_table =
       (shared_base + padding + kValueOffset) | ((lane_bits & (PairCopies<VB>::value - 1)) << 2);
+  // The byte-addressed key table sits 8 KB (kTableSlot) into the block's shared memory where 1 KB is reserved before
+  // the dynamic window (sm_80 - sm_90), far from a 64 KB boundary; the host checks the reserved size
+  // (DeviceDecodeAttention), this is the device's own guard against a silent wrong address.
+  if (ByteTable<KB>::value && !byte_table_fits(key_table)) __trap();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, r = lane & 3;
   const int b = blockIdx.z;
