@@ -191,7 +191,7 @@ def test_mqa_many_query_heads(qdtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dim", [64, 128, 256])
-@pytest.mark.parametrize("key_bits,value_bits", [(4, 4), (4, 3), (3, 3), (2, 2), (2, 4), (3, 2)])
+@pytest.mark.parametrize("key_bits,value_bits", [(4, 4), (4, 3), (3, 4), (3, 3), (2, 2), (2, 3), (2, 4), (3, 2)])
 @pytest.mark.parametrize("qdtype", PATHS)
 def test_dims_and_bits_match_cpu(dim, key_bits, value_bits, qdtype):
     rng = np.random.default_rng(dim + 10 * key_bits + value_bits)
