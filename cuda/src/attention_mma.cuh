@@ -19,7 +19,9 @@
 // [g P / 8, (g + 1) P / 8), m-tile i row g <-> g P / 8 + 2 i, row g + 8 <-> g P / 8 + 2 i + 1; its A registers pair
 // two tokens at one coordinate, read from the same kind of pair table after the two tokens' plane words are
 // interleaved field by field (two masks and a shift per word). The pair tables have bank-private copies (see
-// PairCopies): lookups of data-dependent entries are then (nearly) free of bank conflicts.
+// PairCopies): lookups of data-dependent entries are then (nearly) free of bank conflicts. 3-bit fields, split over
+// two planes, are rearranged once per tile into one byte per pair (pair_bytes): a key lookup is then one byte permute
+// into a byte-addressed key table (ByteTable), a value lookup one shift and one mask-or.
 //
 // Numerics: queries are scaled per head by a power of two to |q| < 1 and split into an fp16 value (A rows 0-7) and
 // its fp16 remainder (rows 8-15, otherwise padding: the split costs no extra product). Key centroids likewise: a
