@@ -205,8 +205,8 @@ __device__ __forceinline__ unsigned pair_address(unsigned table, const unsigned 
 // The 6-bit pair fields of 16 pairs of 3-bit codes as 4 words of one byte per pair: lo / hi hold the plane-0 fields
 // (4 bits) of pairs 0-7 / 8-15 as nibbles, p1 the plane-1 fields (2 bits) of pairs 0-15. Word c, byte k = pair
 // c + 4 k: its nibble in bits 0-3 and its plane-1 field in bits 4-5 (the pair-table index of pair_indices<3>), plus
-// `bias` (byte_bias: the table's address bits 8-15 in every byte). About 5 instructions per word instead of 2 shifts,
-// 2 mask-ors per lookup.
+// `bias` (byte_bias: the table's address bits 8-15 in every byte). About 5 instructions per word (4 pairs), where
+// assembling a field at its lookup takes two shifts and two mask-ors.
 __device__ __forceinline__ void pair_bytes(unsigned lo, unsigned hi, unsigned p1, unsigned bias, unsigned (&t)[4]) {
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
@@ -500,20 +500,19 @@ struct KeyLookup<P, KB, true> {
 template <int P, int VB, bool Bytes = Planes<VB>::kSecond>
 struct ValueLookup {
   using Slice = CodeSlice<VB, P, MmaShape<P>::kValueCoords>;
-  static constexpr int N0 = WordCount<Slice::kBytes0>::value, N1 = WordCount<Slice::kBytes1>::value;
-  unsigned even0[2][N0], odd0[2][N0], even1[2][N1], odd1[2][N1];
+  static constexpr int N0 = WordCount<Slice::kBytes0>::value;
+  unsigned even0[2][N0], odd0[2][N0];
   unsigned table;
   __device__ __forceinline__ ValueLookup(const Slice (&value)[4], unsigned t) : table(t) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       interleave_tokens<Planes<VB>::W0, N0>(value[2 * u].w0, value[2 * u + 1].w0, even0[u], odd0[u]);
-#pragma unroll
-      for (int i = 0; i < N1; ++i) even1[u][i] = odd1[u][i] = 0u;
     }
   }
   __device__ __forceinline__ unsigned address(int u, int i, bool odd) const {
-    // pair field i of the interleaved words = the lane's local coordinate 2 i (even) / 2 i + 1 (odd)
-    return odd ? pair_address<VB>(table, odd0[u], odd1[u], i) : pair_address<VB>(table, even0[u], even1[u], i);
+    // pair field i of the interleaved words = the lane's local coordinate 2 i (even) / 2 i + 1 (odd); no plane 1
+    const unsigned no_plane[1] = {0u};
+    return pair_address<VB>(table, odd ? odd0[u] : even0[u], no_plane, i);
   }
 };
 
