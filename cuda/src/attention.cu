@@ -253,18 +253,12 @@ DeviceDecodeAttention::DeviceDecodeAttention(const std::vector<const Quantizer*>
 DeviceDecodeAttention::~DeviceDecodeAttention() { release(); }
 
 void DeviceDecodeAttention::release() noexcept {
-  int previous = -1;
-  if (cudaGetDevice(&previous) != cudaSuccess) {
-    cudaGetLastError();
-    return;
-  }
-  if (previous != device_) cudaSetDevice(device_);
-  for (float** buffer : {&key_rotation_, &value_rotation_, &centroids_}) {
-    if (*buffer) cudaFree(*buffer);
-    *buffer = nullptr;
-  }
-  if (previous != device_) cudaSetDevice(previous);
-  cudaGetLastError();
+  detail::release_on_device(device_, [this] {
+    for (float** buffer : {&key_rotation_, &value_rotation_, &centroids_}) {
+      if (*buffer) cudaFree(*buffer);
+      *buffer = nullptr;
+    }
+  });
 }
 
 // The split count with the least modelled time waves(s) * (tokens_per_split(s) + kBlockOverheadTokens), waves(s) =

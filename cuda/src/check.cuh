@@ -52,6 +52,22 @@ class ScopedDevice {
   bool switched_ = false;
 };
 
+// The non-throwing counterpart for releasing device memory (destructors, release() noexcept): runs `free_buffers`
+// with `device` current, restores the caller's device and clears any error, so none is left to the caller's next
+// check. Does nothing when the runtime is unusable (e.g. shutting down): nothing can be freed then.
+template <typename FreeBuffers>
+void release_on_device(int device, FreeBuffers&& free_buffers) noexcept {
+  int previous = -1;
+  if (cudaGetDevice(&previous) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  if (previous != device) cudaSetDevice(device);
+  free_buffers();
+  if (previous != device) cudaSetDevice(previous);
+  cudaGetLastError();
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace rotorquant

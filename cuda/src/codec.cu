@@ -312,22 +312,16 @@ DeviceQuantizer::DeviceQuantizer(const Quantizer& quantizer, int device)
 DeviceQuantizer::~DeviceQuantizer() { release(); }
 
 void DeviceQuantizer::release() noexcept {
-  int previous = -1;
-  if (cudaGetDevice(&previous) != cudaSuccess) {
-    cudaGetLastError();
-    return;
-  }
-  if (previous != device_) cudaSetDevice(device_);
-  for (float** buffer : {&rotation_parameters_, &forward_matrix_, &inverse_matrix_, &qjl_transposed_, &qjl_matrix_,
-                         &codebook_}) {
-    if (*buffer) cudaFree(*buffer);
-    *buffer = nullptr;
-  }
-  if (dense_fragments_) cudaFree(dense_fragments_);
-  dense_fragments_ = nullptr;
-  free_status(status_, host_status_);
-  if (previous != device_) cudaSetDevice(previous);
-  cudaGetLastError();
+  detail::release_on_device(device_, [this] {
+    for (float** buffer : {&rotation_parameters_, &forward_matrix_, &inverse_matrix_, &qjl_transposed_, &qjl_matrix_,
+                           &codebook_}) {
+      if (*buffer) cudaFree(*buffer);
+      *buffer = nullptr;
+    }
+    if (dense_fragments_) cudaFree(dense_fragments_);
+    dense_fragments_ = nullptr;
+    free_status(status_, host_status_);
+  });
 }
 
 namespace {
@@ -628,17 +622,11 @@ DeviceQuantizerGroup::DeviceQuantizerGroup(const std::vector<const Quantizer*>& 
 DeviceQuantizerGroup::~DeviceQuantizerGroup() { release(); }
 
 void DeviceQuantizerGroup::release() noexcept {
-  int previous = -1;
-  if (cudaGetDevice(&previous) != cudaSuccess) {
-    cudaGetLastError();
-    return;
-  }
-  if (previous != device_) cudaSetDevice(device_);
-  if (head_tables_) cudaFree(head_tables_);
-  head_tables_ = nullptr;
-  free_status(status_, host_status_);
-  if (previous != device_) cudaSetDevice(previous);
-  cudaGetLastError();
+  detail::release_on_device(device_, [this] {
+    if (head_tables_) cudaFree(head_tables_);
+    head_tables_ = nullptr;
+    free_status(status_, host_status_);
+  });
 }
 
 codec::CodecArgs DeviceQuantizerGroup::launch_args(const ConstCodesView& codes, std::int64_t n,

@@ -159,15 +159,7 @@ DeviceRotation::DeviceRotation(const Rotation& rotation, int device)
 DeviceRotation::~DeviceRotation() {
   if (parameters_ == nullptr) return;
   // Best effort, never throws: cudaFree waits for kernels still reading the parameters.
-  int previous = -1;
-  if (cudaGetDevice(&previous) != cudaSuccess) {
-    cudaGetLastError();
-    return;  // runtime unusable (e.g. shutting down): nothing can be freed
-  }
-  if (previous != device_) cudaSetDevice(device_);
-  cudaFree(parameters_);
-  if (previous != device_) cudaSetDevice(previous);
-  cudaGetLastError();  // do not leave an error of the destructor to the caller's next check
+  detail::release_on_device(device_, [this] { cudaFree(parameters_); });
 }
 
 void DeviceRotation::check_call(const char* what, const float* in, float* out, std::int64_t n) const {
