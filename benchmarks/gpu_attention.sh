@@ -94,6 +94,7 @@ if [ -n "${STALLS:-}" ]; then  # stall reasons and shared-memory wavefronts of t
   metrics="$metrics,sm__pipe_shared_cycles_active.avg.pct_of_peak_sustained_active,l1tex__throughput.avg.pct_of_peak_sustained_active"
   metrics="$metrics,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,smsp__inst_executed_op_shfl.sum"
   metrics="$metrics,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed"
+  metrics="$metrics,launch__occupancy_limit_shared_mem,launch__occupancy_limit_registers,launch__shared_mem_per_block_dynamic"
   for reason in $reasons; do metrics="$metrics,smsp__average_warps_issue_stalled_${reason}_per_issue_active.ratio"; done
   if [ -n "$NCU" ]; then
     timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --metrics "$metrics" -k regex:"split_mma" \

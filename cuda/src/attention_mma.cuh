@@ -176,14 +176,27 @@ constexpr int kKeyLowOffset = kTableSlot, kValueOffset = 2 * kTableSlot, kTableB
 // The 3-bit key table is byte-addressed instead (see pair_bytes, byte_entry): entries kByteEntryBytes apart, entry t
 // holding the 32 copies of its value at words [64 t, 64 t + 32) and the 32 copies of its fp16 remainders at
 // +kByteLowOffset, so one byte permute turns a pair's 6-bit field into the entry's address. It fills the two slots
-// of the OR-addressed key tables (16 KB). The value table stays OR-addressed: a byte-addressed one would take two
-// slots with half of them unused, and the 8 KB more cost the tile staging at d = 128 (measured on H100: K3/V3 4 %
-// slower, B = 32 / 32K and 128K).
+// of the OR-addressed key tables (16 KB).
 template <int Bits>
 struct ByteTable {
   static constexpr bool value = Bits == 3;
 };
 constexpr int kByteEntryBytes = 256, kByteLowOffset = 128;
+
+// K3/V3 (CompactLayout): the 3-bit value table is byte-addressed too, entry t's 32 copies at [256 t, 256 t + 128) of
+// the 16 KB after the key table. Its other halves ("holes", 64 x 128 bytes) hold the query fragments and the slot
+// mbarriers and staging cursors, and nothing needs a multiple of 8 KB any more (the OR-addressed tables did), so the
+// 7 KB of padding before the tables go too: tables, slots and all fit 5 blocks per SM at d = 128 (SplitMmaShared).
+// With the value table OR-addressed (8 KB), a byte-addressed one cost the staging and measured 4 % slower (H100).
+template <int KB, int VB>
+struct CompactLayout {
+  static constexpr bool value = ByteTable<KB>::value && ByteTable<VB>::value;
+};
+constexpr int kHoleBytes = 128, kHoles = 64;
+// The stride (uint4 units) between the query fragments of consecutive k-steps of one lane: 32 lanes x 16 bytes, or in
+// the CompactLayout's holes 4 holes (8 fragments each) 256 bytes apart.
+template <int KB, int VB>
+constexpr int kFragmentStride = CompactLayout<KB, VB>::value ? 4 * kByteEntryBytes / 16 : 32;
 
 // Shared address in the pair table at `table` (its base ORed with the lane's copy offset) of the pair field `pair`
 // (the coordinates 2 pair, 2 pair + 1 of plane words laid out like a code slice, or the token-interleaved words of
@@ -228,11 +241,13 @@ __device__ __forceinline__ unsigned byte_bias(unsigned table) { return __byte_pe
 
 __device__ __forceinline__ bool byte_table_fits(unsigned table) { return ((table >> 8) & 0xFFu) + 63u <= 0xFFu; }
 
-// Whether the byte-addressed key table fits when `reserved` bytes precede the dynamic shared memory (the kernel has
-// no static shared memory, so its tables start at the first multiple of kTableSlot after them): within one 64 KB
-// window (byte_table_fits).
+// Whether the byte-addressed tables fit when `reserved` bytes precede the dynamic shared memory (the kernel has no
+// static shared memory, so its tables start at the first multiple of kTableSlot after them, or of kByteEntryBytes in
+// the CompactLayout): within one 64 KB window (byte_table_fits).
 __host__ __device__ constexpr bool byte_table_fits_after(int reserved) {
-  return ((reserved + kTableSlot - 1) / kTableSlot * kTableSlot) % 65536 + 64 * kByteEntryBytes <= 65536;
+  return ((reserved + kTableSlot - 1) / kTableSlot * kTableSlot) % 65536 + 64 * kByteEntryBytes <= 65536 &&
+         ((reserved + kByteEntryBytes - 1) / kByteEntryBytes * kByteEntryBytes) % 65536 + 2 * 64 * kByteEntryBytes <=
+             65536;  // CompactLayout: the key and value tables side by side from the first multiple of 256
 }
 static_assert(byte_table_fits_after(1024), "sm_80 - sm_90 reserve 1 KB of shared memory per block");
 
@@ -325,9 +340,25 @@ __device__ __forceinline__ void fill_byte_pair_table(unsigned* table, const floa
   }
 }
 
-// The pair tables of split_mma_kernel<P, KB, VB> at `tables` (a multiple of kTableSlot, kTableBytes).
+// Writes the byte-addressed 3-bit value table at `table` (16-byte aligned): entry t's copies at [256 t, 256 t + 128);
+// the holes between them are not written (they hold the query fragments, written before or after).
+__device__ __forceinline__ void fill_byte_value_table(unsigned* table, const float* centroids) {
+  constexpr int kQuads = kHoleBytes / 16, kStride = kByteEntryBytes / 16;
+  for (int i = threadIdx.x; i < 64 * kQuads; i += blockDim.x) {
+    const unsigned v = pair_table_value<3>(centroids, i / kQuads, false);
+    reinterpret_cast<uint4*>(table)[i / kQuads * kStride + i % kQuads] = make_uint4(v, v, v, v);
+  }
+}
+
+// The pair tables of split_mma_kernel<P, KB, VB> at `tables` (a multiple of kTableSlot, kTableBytes; CompactLayout:
+// of kByteEntryBytes, 32 KB).
 template <int KB, int VB>
 __device__ __forceinline__ void fill_pair_tables(unsigned* tables, const float* centroids) {
+  if constexpr (CompactLayout<KB, VB>::value) {
+    fill_byte_pair_table(tables, centroids);
+    fill_byte_value_table(tables + kValueOffset / 4, centroids + kTableSize);
+    return;
+  }
   if constexpr (ByteTable<KB>::value) {
     fill_byte_pair_table(tables, centroids);
   } else {
@@ -497,13 +528,13 @@ struct KeyLookup<P, KB, true> {
 // Shared addresses of a tile's value pair entries: token pair u (tokens 2r, 2r + 1 or 8 + 2r, 9 + 2r) at the lane's
 // local coordinate 2 i (even) or 2 i + 1 (odd), in the OR-addressed value table (`table` carries the lane's copy
 // offset). 2 and 4 bits: the two tokens' plane words interleaved field by field, one field per lookup.
-template <int P, int VB, bool Bytes = Planes<VB>::kSecond>
+template <int P, int VB, bool Bytes = Planes<VB>::kSecond, bool ByteAddressed = false>
 struct ValueLookup {
   using Slice = CodeSlice<VB, P, MmaShape<P>::kValueCoords>;
   static constexpr int N0 = WordCount<Slice::kBytes0>::value;
   unsigned even0[2][N0], odd0[2][N0];
   unsigned table;
-  __device__ __forceinline__ ValueLookup(const Slice (&value)[4], unsigned t) : table(t) {
+  __device__ __forceinline__ ValueLookup(const Slice (&value)[4], unsigned t, int) : table(t) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       interleave_tokens<Planes<VB>::W0, N0>(value[2 * u].w0, value[2 * u + 1].w0, even0[u], odd0[u]);
@@ -518,16 +549,20 @@ struct ValueLookup {
 
 // 3 bits: per token pair, 16 coordinates at a time, the nibbles of the plane-0 interleave and the interleaved
 // plane-1 bits (token_pair_bits) as pair_bytes words (coordinate 2 i + o of a group is its pair 8 o + i), so a lookup
-// moves one 6-bit field (a shift and a mask-or) instead of a 4- and a 2-bit one.
-template <int P, int VB>
-struct ValueLookup<P, VB, true> {
+// moves one 6-bit field instead of a 4- and a 2-bit one: from the OR-addressed table (`table` carries the lane's copy
+// offset) a shift and a mask-or; from the byte-addressed one (ByteAddressed, CompactLayout: `table` is its base) one
+// byte permute, as for the keys.
+template <int P, int VB, bool ByteAddressed>
+struct ValueLookup<P, VB, true, ByteAddressed> {
   using Slice = CodeSlice<VB, P, MmaShape<P>::kValueCoords>;
   static constexpr int kGroups = (MmaShape<P>::kValueCoords + 15) / 16;  // groups of 16 coordinates
   static constexpr int N0 = WordCount<Slice::kBytes0>::value;
   unsigned bytes[2][kGroups][4];
-  unsigned table;
-  __device__ __forceinline__ ValueLookup(const Slice (&value)[4], unsigned t) : table(t) {
+  unsigned table;  // ByteAddressed: the lane's address in the table (table + 4 lane)
+  __device__ __forceinline__ ValueLookup(const Slice (&value)[4], unsigned t, int lane)
+      : table(ByteAddressed ? t + ((lane & 31) << 2) : t) {
     static_assert(N0 == kGroups, "one plane-0 word per 16 coordinates");
+    const unsigned bias = ByteAddressed ? byte_bias(t) : 0u;
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       unsigned even[N0], odd[N0];
@@ -537,12 +572,13 @@ struct ValueLookup<P, VB, true> {
         const int word = group / 2, shift = 16 * (group % 2);
         const unsigned a = (value[2 * u].w1[word] >> shift) & 0xFFFFu;
         const unsigned b = (value[2 * u + 1].w1[word] >> shift) & 0xFFFFu;
-        pair_bytes(even[group], odd[group], token_pair_bits(a, b), 0u, bytes[u][group]);
+        pair_bytes(even[group], odd[group], token_pair_bits(a, b), bias, bytes[u][group]);
       }
     }
   }
   __device__ __forceinline__ unsigned address(int u, int i, bool odd) const {
     const int j = (i & 7) + (odd ? 8 : 0);
+    if constexpr (ByteAddressed) return byte_entry(bytes[u][i >> 3], j, table);
     return table | place_field(bytes[u][i >> 3][j & 3], 8 * (j >> 2), 6, 2 + PairCopies<VB>::kLog2);
   }
 };
@@ -564,7 +600,7 @@ __device__ __forceinline__ void mma_tile_step(const MmaTile<P, KB, VB>& tile, co
     const unsigned e10 = keys.address(1, 2 * s), e11 = keys.address(1, 2 * s + 1);
     // A rows 0-7: the queries' fp16 values, rows 8-15: their fp16 remainders; B: the keys' fp16 centroids, then
     // their remainders (same A registers). C rows 0-7 + rows 8-15 = (q_hi + q_lo)(k_hi + k_lo) = q k to fp32.
-    const uint4 a = query_fragments[s * 32 + lane];
+    const uint4 a = query_fragments[s * kFragmentStride<KB, VB>];
     mma_16816(s0, a.x, a.y, a.z, a.w, shared_word(e00), shared_word(e01));
     mma_16816(s1, a.x, a.y, a.z, a.w, shared_word(e10), shared_word(e11));
     mma_16816(t0, a.x, a.y, a.z, a.w, keys.remainder(e00), keys.remainder(e01));
@@ -631,7 +667,7 @@ __device__ __forceinline__ void mma_tile_step(const MmaTile<P, KB, VB>& tile, co
   const unsigned p01 = pack_half2(w[0], w[1]), p23 = pack_half2(w[2], w[3]);
 
   // value product: A = V^T (rows: this lane's coordinates 2i, 2i + 1 of its slice; k: the tokens)
-  const ValueLookup<P, VB> values(tile.value, value_table);
+  const ValueLookup<P, VB, Planes<VB>::kSecond, CompactLayout<KB, VB>::value> values(tile.value, value_table, lane);
 #pragma unroll
   for (int i = 0; i < S; ++i) {
     const unsigned a0 = shared_word(values.address(0, i, false)), a1 = shared_word(values.address(0, i, true));
@@ -651,13 +687,20 @@ __device__ __forceinline__ void barrier_init(unsigned barrier) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(barrier));
 }
 
-__device__ __forceinline__ void barrier_expect(unsigned barrier, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(barrier), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void bulk_copy(unsigned destination, const void* source, unsigned bytes, unsigned barrier) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(destination), "l"(source), "r"(bytes), "r"(barrier) : "memory");
+// The four bulk copies of one staged tile in one asm statement: its operands (slot, barrier, four sources) become
+// uniform registers once, where four separate statements cost a uniform-register round trip and an elect loop each.
+template <int KeyBytes, int ValueBytes, int ValuesAt, int KeyNormsAt, int ValueNormsAt, int TotalBytes>
+__device__ __forceinline__ void bulk_copy_tile(unsigned slot, unsigned barrier, const void* keys, const void* values,
+                                               const void* key_norms, const void* value_norms) {
+  asm volatile(
+      "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%1], %6;\n\t"
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%2], %7, [%1];\n\t"
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0+%8], [%3], %9, [%1];\n\t"
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0+%10], [%4], %12, [%1];\n\t"
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0+%11], [%5], %12, [%1];" ::"r"(slot),
+      "r"(barrier), "l"(keys), "l"(values), "l"(key_norms), "l"(value_norms), "n"(TotalBytes), "n"(KeyBytes),
+      "n"(ValuesAt), "n"(ValueBytes), "n"(KeyNormsAt), "n"(ValueNormsAt), "n"(2 * kTileTokens)
+      : "memory");
 }
 
 __device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity) {
@@ -672,28 +715,51 @@ __device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity) 
 
 // Dynamic shared memory of split_mma_kernel<P, KB, VB>: the pair tables at a multiple of kTableSlot (so up to
 // kTableSlot - 16 bytes of padding before them), the per-warp accumulators of the block merge aliased onto the tables
-// (dead by then), the query fragments, softmax statistics and slot mbarriers ("misc") in the padding when they fit
-// there, else after the tables, and the staging slots after both. The padding is known only on the device; on H100
-// the dynamic window starts 1 KB into the block's shared memory, so it is kExpectedPadding. kBytes reserves, by
-// preference: the worst-case padding with the slots (kFull), else the expected padding with them (kLean: the kernel
-// stages only when the slots fit behind the padding it finds), else the worst case without slots (kWorst, never
-// staged); whichever fits MmaShape<P>::kMinBlocks blocks per multiprocessor (228 KB, 1 KB reserved per block).
+// (dead by then), the query fragments, softmax statistics, slot mbarriers and staging cursors ("misc") in the padding
+// when they fit there, else after the tables, and the staging slots after both. The padding is known only on the
+// device; on H100 the dynamic window starts 1 KB into the block's shared memory, so it is kExpectedPadding. kBytes
+// reserves, by preference: the worst-case padding with the slots (kFull), else the expected padding with them (kLean:
+// the kernel stages only when the slots fit behind the padding it finds), else the worst case without slots (kWorst,
+// never staged); whichever fits MmaShape<P>::kMinBlocks blocks per multiprocessor (228 KB, 1 KB reserved per block).
 // d = 128: K3/V3, K2/V2, K2/V3, K3/V2 and K2/V4, K4/V2 stage (kLean); K4/V3, K3/V4, K4/V4 do not.
+//
+// CompactLayout (K3/V3): the two byte-addressed tables (32 KB) at a multiple of kByteEntryBytes (padding <= 240
+// bytes, 0 on H100), the query fragments in the value table's holes (fragment f = 32 s + lane of step s in hole f / 8
+// at 16 (f % 8)), then the slot mbarriers (one hole) and staging cursors (the next) when holes are left, the block
+// merge's accumulators over the key table and its statistics behind them (both after the tile loop), anything that
+// does not fit there ("outside": d = 256) after the tables, then the slots: 32 + 12.5 KB at d = 128, 5 blocks per SM.
 template <int P, int KB, int VB>
 struct SplitMmaShared {
+  static constexpr bool kCompact = CompactLayout<KB, VB>::value;
   static constexpr int kAccumulatorBytes = kSplitWarps * kMmaHeads * P * 4;
-  static constexpr int kRegionBytes = kAccumulatorBytes > kTableBytes ? kAccumulatorBytes : kTableBytes;
+  static constexpr int kTables = kCompact ? 2 * 64 * kByteEntryBytes : kTableBytes;
+  static constexpr int kRegionBytes = kAccumulatorBytes > kTables ? kAccumulatorBytes : kTables;
   static constexpr int kFragmentBytes = MmaShape<P>::kSteps * 32 * 16;
   static constexpr int kStatisticsBytes = 2 * kSplitWarps * kMmaHeads * 4;
+  static constexpr int kBarrierBytes = 2 * kSplitWarps * 8, kCursorBytes = kSplitWarps * 32;
+  // OR-addressed layout: misc
   static constexpr int kBarrierOffset = kFragmentBytes + kStatisticsBytes;
-  static constexpr int kMiscBytes = kBarrierOffset + 2 * kSplitWarps * 8;
+  static constexpr int kCursorOffset = kBarrierOffset + kBarrierBytes;
+  static constexpr int kMiscBytes = kCursorOffset + kCursorBytes;
+  // CompactLayout: holes and outside
+  static constexpr int kFragmentHoles = kFragmentBytes / kHoleBytes;
+  static constexpr bool kSlotMiscInHoles = kFragmentHoles + 2 <= kHoles;
+  static constexpr bool kStatisticsInRegion = kAccumulatorBytes + kStatisticsBytes <= kRegionBytes;
+  static constexpr int kOutsideBytes = (kSlotMiscInHoles ? 0 : kBarrierBytes + kCursorBytes) +
+                                       (kStatisticsInRegion ? 0 : kStatisticsBytes);
+  static_assert(!kCompact || (kFragmentHoles <= kHoles && kBarrierBytes <= kHoleBytes && kCursorBytes <= kHoleBytes),
+                "the query fragments, mbarriers and cursors fit the holes");
+
   static constexpr int kSlotBytes = (MmaTile<P, KB, VB>::kStagedBytes + 15) / 16 * 16;
   static constexpr int kStageBytes = 2 * kSplitWarps * kSlotBytes;
-  static constexpr int kExpectedPadding = kTableSlot - 1024;
-  static constexpr int kWorst = kTableSlot + kRegionBytes + kMiscBytes;
+  static constexpr int kExpectedPadding = kCompact ? 0 : kTableSlot - 1024;
+  static constexpr int kMaxPadding = kCompact ? kByteEntryBytes - 16 : kTableSlot - 16;
+  static constexpr int kFixed = kCompact ? kRegionBytes + kOutsideBytes : kRegionBytes + kMiscBytes;
+  static constexpr int kWorst = kMaxPadding + kFixed;
   static constexpr int kFull = kWorst + kStageBytes;
   static constexpr int kLean =
-      kExpectedPadding + kRegionBytes + (kMiscBytes <= kExpectedPadding ? 0 : kMiscBytes) + kStageBytes;
+      kCompact ? kExpectedPadding + kFixed + kStageBytes
+               : kExpectedPadding + kRegionBytes + (kMiscBytes <= kExpectedPadding ? 0 : kMiscBytes) + kStageBytes;
   static constexpr int kBudget = 228 * 1024 / MmaShape<P>::kMinBlocks - 1024;
   static constexpr int kBytes = kFull <= kBudget ? kFull : kLean <= kBudget && kLean >= kWorst ? kLean : kWorst;
   static constexpr bool kStaged = kBytes != kWorst;
@@ -715,18 +781,45 @@ __device__ __forceinline__ bool tiles_stageable(const KernelArgs& a, int b, int 
   return (alignment & 15u) == 0;
 }
 
-// Lane 0 issues the bulk copies of the tile at `base` into the slot at shared address `slot`.
+// The addresses of a tile's four arrays at its first row (global memory).
+struct TileSources {
+  const std::uint8_t* keys;
+  const std::uint8_t* values;
+  const std::uint8_t* key_norms;
+  const std::uint8_t* value_norms;
+};
+
 template <int P, int KB, int VB>
-__device__ __forceinline__ void stage_tile(const KernelArgs& a, int b, int h, int base, unsigned slot,
-                                           unsigned barrier) {
+__device__ __forceinline__ TileSources tile_sources(const KernelArgs& a, int b, int h, int base) {
   using Tile = MmaTile<P, KB, VB>;
   const std::int64_t row0 = code_row(a, b, h, base);
-  barrier_expect(barrier, Tile::kStagedBytes);
-  bulk_copy(slot + Tile::kStagedKeys, a.key_indices + row0 * Tile::kKeyBytes, kTileTokens * Tile::kKeyBytes, barrier);
-  bulk_copy(slot + Tile::kStagedValues, a.value_indices + row0 * Tile::kValueBytes, kTileTokens * Tile::kValueBytes,
-            barrier);
-  bulk_copy(slot + Tile::kStagedKeyNorms, a.key_norms + row0 * 2, 2 * kTileTokens, barrier);
-  bulk_copy(slot + Tile::kStagedValueNorms, a.value_norms + row0 * 2, 2 * kTileTokens, barrier);
+  return {a.key_indices + row0 * Tile::kKeyBytes, a.value_indices + row0 * Tile::kValueBytes, a.key_norms + row0 * 2,
+          a.value_norms + row0 * 2};
+}
+
+// Lane 0 issues the bulk copies of the tile at `sources` into the slot at shared address `slot`.
+template <int P, int KB, int VB>
+__device__ __forceinline__ void stage_tile(const TileSources& sources, unsigned slot, unsigned barrier) {
+  using Tile = MmaTile<P, KB, VB>;
+  static_assert(Tile::kStagedKeys == 0 && Tile::kStagedValueNorms == Tile::kStagedKeyNorms + 2 * kTileTokens,
+                "bulk_copy_tile's slot layout");
+  bulk_copy_tile<kTileTokens * Tile::kKeyBytes, kTileTokens * Tile::kValueBytes, Tile::kStagedValues,
+                 Tile::kStagedKeyNorms, Tile::kStagedValueNorms, Tile::kStagedBytes>(
+      slot, barrier, sources.keys, sources.values, sources.key_norms, sources.value_norms);
+}
+
+// Contiguous layout: a warp's next tile to stage, as a cursor in shared memory (lane 0's, advanced by the warps' tile
+// stride per copy) instead of a row computation and four 64-bit products per tile in the loop.
+template <int P, int KB, int VB>
+__device__ __forceinline__ TileSources advance_cursor(unsigned long long* cursor) {
+  using Tile = MmaTile<P, KB, VB>;
+  constexpr int kRows = kSplitWarps * kTileTokens;
+  ulonglong2* const c = reinterpret_cast<ulonglong2*>(cursor);
+  const ulonglong2 c0 = c[0], c1 = c[1];
+  c[0] = make_ulonglong2(c0.x + kRows * Tile::kKeyBytes, c0.y + kRows * Tile::kValueBytes);
+  c[1] = make_ulonglong2(c1.x + kRows * 2, c1.y + kRows * 2);
+  return {reinterpret_cast<const std::uint8_t*>(c0.x), reinterpret_cast<const std::uint8_t*>(c0.y),
+          reinterpret_cast<const std::uint8_t*>(c1.x), reinterpret_cast<const std::uint8_t*>(c1.y)};
 }
 
 template <int P, int KB, int VB>
@@ -739,17 +832,37 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
                 "bulk copies need 16-byte aligned destinations");
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const unsigned shared_base = static_cast<unsigned>(__cvta_generic_to_shared(shared_bytes));
-  const unsigned padding = (0u - shared_base) & (kTableSlot - 1);  // multiple of 16
+  // multiple of 16
+  const unsigned padding = (0u - shared_base) & (Shared::kCompact ? kByteEntryBytes - 1 : kTableSlot - 1);
   unsigned char* const region = shared_bytes + padding;
-  const bool misc_in_padding = padding >= Shared::kMiscBytes;
-  unsigned char* const misc = misc_in_padding ? shared_bytes : region + Shared::kRegionBytes;
-  const unsigned stage_offset = padding + Shared::kRegionBytes + (misc_in_padding ? 0 : Shared::kMiscBytes);
-  const bool staging = Shared::kStaged && stage_offset + Shared::kStageBytes <= Shared::kBytes;  // block-uniform
   unsigned* const pair_tables = reinterpret_cast<unsigned*>(region);
   auto shared_acc = reinterpret_cast<float (*)[G][P]>(region);  // after the tile loop only
-  uint4* const query_fragments = reinterpret_cast<uint4*>(misc);
-  auto shared_m = reinterpret_cast<float (*)[G]>(misc + Shared::kFragmentBytes);
-  auto shared_l = reinterpret_cast<float (*)[G]>(misc + Shared::kFragmentBytes + kSplitWarps * G * 4);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint4* query_fragments;  // the lane's fragment of step 0
+  unsigned char *statistics, *barrier_bytes, *cursor_bytes;
+  unsigned stage_offset;
+  if constexpr (Shared::kCompact) {
+    unsigned char* const holes = region + kValueOffset + kHoleBytes;  // hole k at holes + 256 k
+    unsigned char* const outside = region + Shared::kRegionBytes;
+    query_fragments = reinterpret_cast<uint4*>(holes + kByteEntryBytes * (lane >> 3) + 16 * (lane & 7));
+    barrier_bytes = Shared::kSlotMiscInHoles ? holes + kByteEntryBytes * Shared::kFragmentHoles : outside;
+    cursor_bytes = Shared::kSlotMiscInHoles ? barrier_bytes + kByteEntryBytes : outside + Shared::kBarrierBytes;
+    statistics = Shared::kStatisticsInRegion
+                     ? region + Shared::kAccumulatorBytes
+                     : outside + (Shared::kSlotMiscInHoles ? 0 : Shared::kBarrierBytes + Shared::kCursorBytes);
+    stage_offset = padding + Shared::kRegionBytes + Shared::kOutsideBytes;
+  } else {
+    const bool misc_in_padding = padding >= Shared::kMiscBytes;
+    unsigned char* const misc = misc_in_padding ? shared_bytes : region + Shared::kRegionBytes;
+    query_fragments = reinterpret_cast<uint4*>(misc) + lane;
+    statistics = misc + Shared::kFragmentBytes;
+    barrier_bytes = misc + Shared::kBarrierOffset;
+    cursor_bytes = misc + Shared::kCursorOffset;
+    stage_offset = padding + Shared::kRegionBytes + (misc_in_padding ? 0 : Shared::kMiscBytes);
+  }
+  const bool staging = Shared::kStaged && stage_offset + Shared::kStageBytes <= Shared::kBytes;  // block-uniform
+  auto shared_m = reinterpret_cast<float (*)[G]>(statistics);
+  auto shared_l = reinterpret_cast<float (*)[G]>(statistics + kSplitWarps * G * 4);
 
   fill_pair_tables<KB, VB>(pair_tables, a.centroids);
   // OR-addressed tables: the base ORed with the lane's copy offset; byte-addressed ones: the base alone
@@ -758,12 +871,13 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
                                                   : (shared_base + padding) |
                                                         ((lane_bits & (PairCopies<KB>::value - 1)) << 2);
   const unsigned value_table =
-      (shared_base + padding + kValueOffset) | ((lane_bits & (PairCopies<VB>::value - 1)) << 2);
-  // The byte-addressed key table sits 8 KB (kTableSlot) into the block's shared memory where 1 KB is reserved before
-  // the dynamic window (sm_80 - sm_90), far from a 64 KB boundary; the host checks the reserved size
+      Shared::kCompact ? shared_base + padding + kValueOffset
+                       : (shared_base + padding + kValueOffset) | ((lane_bits & (PairCopies<VB>::value - 1)) << 2);
+  // The byte-addressed tables sit 8 KB (kTableSlot; CompactLayout: 1 KB) into the block's shared memory where 1 KB is
+  // reserved before the dynamic window (sm_80 - sm_90), far from a 64 KB boundary; the host checks the reserved size
   // (DeviceDecodeAttention), this is the device's own guard against a silent wrong address.
   if (ByteTable<KB>::value && !byte_table_fits(key_table)) __trap();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (Shared::kCompact && !byte_table_fits(value_table)) __trap();
   const int g = lane >> 2, r = lane & 3;
   const int b = blockIdx.z;
   const int h = blockIdx.y / a.head_chunks, chunk = blockIdx.y - h * a.head_chunks;
@@ -771,8 +885,9 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   const int hq0 = h * a.group + chunk * a.chunk_heads;
   const int nh = min(a.chunk_heads, a.group - chunk * a.chunk_heads);
   // this warp's two staging slots (shared addresses) and their mbarriers
-  const unsigned barriers = static_cast<unsigned>(__cvta_generic_to_shared(misc + Shared::kBarrierOffset)) + 16 * warp;
+  const unsigned barriers = static_cast<unsigned>(__cvta_generic_to_shared(barrier_bytes)) + 16 * warp;
   const unsigned slot_base = shared_base + stage_offset + 2 * warp * Shared::kSlotBytes;
+  unsigned long long* const cursor = reinterpret_cast<unsigned long long*>(cursor_bytes) + 4 * warp;
   if (staging) {
     if (lane == 0) {
       barrier_init(barriers);
@@ -818,7 +933,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
           hi[half] = pack_half2(__half2float(h0), __half2float(h1));
           lo[half] = pack_half2(x0 - __half2float(h0), x1 - __half2float(h1));
         }
-        query_fragments[step * 32 + lane] = make_uint4(hi[0], lo[0], hi[1], lo[1]);
+        query_fragments[step * kFragmentStride<KB, VB>] = make_uint4(hi[0], lo[0], hi[1], lo[1]);
       }
     }
   }
@@ -849,9 +964,20 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     for (int s = 0; s < 2; ++s) {
       const int base = first + s * kStride;
       if (stageable && base + kTileTokens <= end) {
-        if (lane == 0) stage_tile<P, KB, VB>(a, b, h, base, slot_base + s * Shared::kSlotBytes, barriers + 8 * s);
+        if (lane == 0) {
+          stage_tile<P, KB, VB>(tile_sources<P, KB, VB>(a, b, h, base), slot_base + s * Shared::kSlotBytes,
+                                barriers + 8 * s);
+        }
         staged_bits |= 1u << s;
       }
+    }
+    if (stageable && !a.block_table && lane == 0) {
+      const TileSources next = tile_sources<P, KB, VB>(a, b, h, first + 2 * kStride);
+      reinterpret_cast<ulonglong2*>(cursor)[0] = make_ulonglong2(reinterpret_cast<unsigned long long>(next.keys),
+                                                                 reinterpret_cast<unsigned long long>(next.values));
+      reinterpret_cast<ulonglong2*>(cursor)[1] =
+          make_ulonglong2(reinterpret_cast<unsigned long long>(next.key_norms),
+                          reinterpret_cast<unsigned long long>(next.value_norms));
     }
     int slot = 0;
     for (int base = first; base < end; base += kStride, slot ^= 1) {
@@ -871,7 +997,9 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
         __syncwarp();
         if (lane == 0) {
           asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-          stage_tile<P, KB, VB>(a, b, h, next, slot_base + slot * Shared::kSlotBytes, barriers + 8 * slot);
+          const TileSources sources =
+              a.block_table ? tile_sources<P, KB, VB>(a, b, h, next) : advance_cursor<P, KB, VB>(cursor);
+          stage_tile<P, KB, VB>(sources, slot_base + slot * Shared::kSlotBytes, barriers + 8 * slot);
         }
         staged_bits |= 1u << slot;
       }
