@@ -52,9 +52,31 @@ float* upload(const std::vector<float>& host) {
 }
 
 // Warps that merge one row in combine_kernel: with many splits (few rows, long contexts) a row's slots are spread over
-// 4 warps, each keeping kCombineUnroll slots' loads in flight.
+// up to kCombineWarps warps, each keeping kCombineUnroll slots' loads in flight.
 int combine_parts(std::int64_t splits) {
-  return splits >= 4 * attention::kCombineUnroll ? 4 : splits >= 2 * attention::kCombineUnroll ? 2 : 1;
+  int parts = 1;
+  while (parts < attention::kCombineWarps && splits >= 2 * parts * attention::kCombineUnroll) parts *= 2;
+  return parts;
+}
+
+// Programmatic dependent launch (sm_90): the kernel may start while the previous one in the stream finishes; it waits
+// for that kernel's results with griddepcontrol.wait where it first reads them (split_mma_kernel: the rotated
+// queries, after its pair tables; combine_kernel: the partials, at once). Captured into CUDA graphs as programmatic
+// edges.
+template <typename... Params, typename... Args>
+void launch_dependent(void (*kernel)(Params...), dim3 grid, unsigned threads, std::size_t shared, cudaStream_t stream,
+                      Args... args) {
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = shared;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  ROTORQUANT_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...), kContext);
 }
 
 int heads_per_block(std::int64_t group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
@@ -93,7 +115,7 @@ void launch_split(const attention::KernelArgs& a, dim3 grid, cudaStream_t stream
     static std::atomic<int> cache[kCachedDevices] = {};
     resident_blocks(kernel, attention::kSplitWarps * 32, kShared, 1, cache);
   }
-  kernel<<<dim3(grid.x - 1, grid.y, grid.z), attention::kSplitWarps * 32, kShared, stream>>>(a);
+  launch_dependent(kernel, dim3(grid.x - 1, grid.y, grid.z), attention::kSplitWarps * 32, kShared, stream, a);
   if (a.fp_lengths) {
     attention::KernelArgs window = a;
     window.split_offset = a.num_splits;
@@ -133,9 +155,9 @@ void dispatch_heads(int heads, int key_bits, int value_bits, const attention::Ke
     case 8: dispatch_key_bits<P, 8>(key_bits, value_bits, a, grid, stream); break;
     default: throw ValueError(expected_got(std::string(kContext) + ": heads per block", "1, 2, 4 or 8", std::to_string(heads)));
   }
-  const int rows_per_combine_block = attention::kRowWarps / a.combine_parts;
+  const int rows_per_combine_block = attention::kCombineWarps / a.combine_parts;
   const unsigned combine_blocks = static_cast<unsigned>((rows + rows_per_combine_block - 1) / rows_per_combine_block);
-  attention::combine_kernel<P><<<combine_blocks, attention::kRowWarps * 32, 0, stream>>>(a);
+  launch_dependent(attention::combine_kernel<P>, dim3(combine_blocks), attention::kCombineWarps * 32, 0, stream, a);
 }
 
 void check_aligned(const void* pointer, std::size_t alignment, const char* name) {

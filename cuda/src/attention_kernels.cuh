@@ -31,7 +31,7 @@ namespace attention {
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 constexpr int kSplitWarps = 4;
 constexpr int kSteps = 4;          // token steps per warp iteration (loads of kSteps steps are in flight together)
-constexpr int kRowWarps = 4;       // query rows per block in prepare / combine
+constexpr int kRowWarps = 4;       // query rows per block in prepare
 constexpr int kTableSize = 16;     // centroids per side (bits <= 4)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kRescaleThreshold = 8.0f;  // log2 units
@@ -81,12 +81,17 @@ struct KernelArgs {
   float* q_raw;            // (batch * q_heads, P)
   float* partial_acc;      // (batch * q_heads, num_splits + 1, P)
   float* partial_ml;       // (batch * q_heads, num_splits + 1, 2)
-  int combine_parts;       // warps merging one row in combine_kernel: 1, 2 or 4
+  int combine_parts;       // warps merging one row in combine_kernel: 1, 2, 4 or 8 (kCombineWarps)
 };
 
 __device__ __forceinline__ int h_of_row(const KernelArgs& a, std::int64_t row) {  // the row's KV head
   return static_cast<int>(row % a.q_heads) / a.group;
 }
+
+// Programmatic dependent launch (sm_90): wait for the previous kernel of the stream (a no-op when this kernel was not
+// launched as its dependent), and let the next one launch early.
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void grid_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -163,6 +168,7 @@ template <int P>
 __global__ void __launch_bounds__(kRowWarps * 32) prepare_queries_kernel(KernelArgs a) {
   constexpr int CP = P / 32;
   __shared__ float buffer[kRowWarps][P];
+  grid_dependents_launch();  // the split kernel may start its pair tables (it waits before reading q_rot)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kRowWarps + warp;
   if (row >= static_cast<std::int64_t>(a.batch) * a.q_heads) return;
@@ -493,21 +499,25 @@ __global__ void __launch_bounds__(kSplitWarps * 32, SplitShape<G>::kMinBlocks) s
 
 // ---- combine ------------------------------------------------------------------------------------
 
-// One row (query head of one sequence) is merged by a.combine_parts warps of a block (1, 2 or 4): every warp finds the
+// One row (query head of one sequence) is merged by a.combine_parts warps of a block (1, 2, 4 or 8): every warp finds the
 // row's maximum and sum over all slots (lanes in parallel), warp `part` accumulates the code slots part, part + parts,
 // ... kCombineUnroll at a time (independent loads in flight: few rows with many splits, as B = 1 at long contexts,
 // would otherwise wait out one L2 round trip per split), and warp 0 of the row adds the others' sums from shared
 // memory, the full-precision slot, rotates back and writes. A slot without tokens (maximum -inf) has no accumulator
 // written (the full-precision slot when there is no window), so its loads are discarded, never multiplied.
+// Launched as a programmatic dependent of the split launch (attention.cu, launch_dependent): it waits for the
+// partials before its first read.
 constexpr int kCombineUnroll = 4;
+constexpr int kCombineWarps = 8;  // warps per block: rows x parts
 
 template <int P>
-__global__ void __launch_bounds__(kRowWarps * 32) combine_kernel(KernelArgs a) {
+__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(KernelArgs a) {
   constexpr int CP = P / 32;
-  __shared__ float buffer[kRowWarps][P];
+  __shared__ float buffer[kCombineWarps][P];
+  grid_dependency_wait();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int parts = a.combine_parts, part = warp % parts;
-  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * (kRowWarps / parts) + warp / parts;
+  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * (kCombineWarps / parts) + warp / parts;
   const bool valid = row < static_cast<std::int64_t>(a.batch) * a.q_heads;
   const int slots = a.num_splits + 1;
   const float* ml = a.partial_ml + (valid ? row : 0) * slots * 2;

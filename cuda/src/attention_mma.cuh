@@ -896,6 +896,10 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     }
   }
 
+  // launched as a programmatic dependent of prepare_queries_kernel: everything above overlaps it; its q_rot is read
+  // below
+  grid_dependency_wait();
+
   // query fragments of head g (coordinates [r P / 4, (r + 1) P / 4)), scaled by 2^-e to |q| < 1: per k-step one
   // A quad {hi(4s, 4s+1), lo(4s, 4s+1), hi(4s+2, 4s+3), lo(4s+2, 4s+3)} in shared memory (every warp of the block
   // uses the same ones; one 16-byte read per step instead of P / 4 registers)
@@ -1011,6 +1015,8 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
       mma_tile_step<P, KB, VB>(tile, query_fragments, query_scale, key_table, value_table, lane, st);
     }
   }
+
+  grid_dependents_launch();  // the combine launch may be scheduled (it waits for this grid's partials)
 
   // head g's sum over the quad; the accumulator columns (heads 2r, 2r + 1) times 2^E
   st.l_own += __shfl_xor_sync(kFullMask, st.l_own, 1);

@@ -249,11 +249,11 @@ def test_lengths_and_edges(tokens, window, sinks, qdtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tokens,splits", [(200, (1, 7)), (600, (8, 15)), (2500, (16, 1024))])
+@pytest.mark.parametrize("tokens,splits", [(200, (1, 7)), (600, (8, 15)), (1500, (16, 31)), (5000, (32, 1024))])
 @pytest.mark.parametrize("qdtype", PATHS)
 def test_combine_widths_match_cpu(tokens, splits, qdtype):
-    """The combine launch merges a row with 1, 2 or 4 warps (fewer than 8, 8-15, 16 or more splits), each warp
-    keeping several splits' loads in flight: every width, with the full-precision slot, matches the CPU cache."""
+    """The combine launch merges a row with 1, 2, 4 or 8 warps (fewer than 8, 8-15, 16-31, 32 or more splits), each
+    warp keeping several splits' loads in flight: every width, with the full-precision slot, matches the CPU cache."""
     rng = np.random.default_rng(tokens)
     case = Case(batch=1, kv_heads=2, group=4, tokens=tokens, window=16, sinks=4)
     n = case.attention.num_splits(1, 8, case.n_codes)
