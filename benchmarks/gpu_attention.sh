@@ -2,7 +2,8 @@
 # Device script of the fused decode attention (issue 6): build with CUDA sm_90, the attention tests,
 # benchmarks/bench_attention.py, optionally ncu on one shape and compute-sanitizer memcheck / racecheck on a small
 # script. Logs go to $OUT: build.log  attention_tests.log  bench_attention.txt  ncu_attention.txt  memcheck.log ...
-# Stages: SKIP_TESTS=1 SKIP_BENCH=1 PROFILE=1 STALLS=1 SOURCE=1 DURATIONS=1 SASS=1 SANITIZE=1; BENCH_ARGS / PYTEST_ARGS / EXTRA_TESTS pass options.
+# Stages: SKIP_TESTS=1 SKIP_BENCH=1 PROFILE=1 STALLS=1 SOURCE=1 DURATIONS=1 SASS=1 SANITIZE=1; BENCH_ARGS / PYTEST_ARGS / EXTRA_TESTS
+# / SANITIZE_ARGS ("batch context" of the sanitized script) / SANITIZE_TIMEOUT pass options.
 set -euo pipefail
 
 # shellcheck source=benchmarks/gpu_build.sh
@@ -159,10 +160,10 @@ if [ -n "${SASS:-}" ]; then  # opcode histogram of one tensor-core split kernel 
 fi
 
 if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer > /dev/null; then
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 python3 /tmp/rq_attention_small.py 3 700 \
+  timeout "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool memcheck --error-exitcode 3 python3 /tmp/rq_attention_small.py ${SANITIZE_ARGS:-3 700} \
     > "$OUT/memcheck.log" 2>&1
   note "memcheck exit: $? ($(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1))"
-  timeout 120 compute-sanitizer --tool racecheck --error-exitcode 3 python3 /tmp/rq_attention_small.py 3 700 \
+  timeout "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool racecheck --error-exitcode 3 python3 /tmp/rq_attention_small.py ${SANITIZE_ARGS:-3 700} \
     > "$OUT/racecheck.log" 2>&1
   note "racecheck exit: $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1))"
 fi

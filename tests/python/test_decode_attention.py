@@ -237,10 +237,14 @@ def test_query_and_output_dtypes(dtype):
     (1027, 128, 4),  # codes over several splits
     (4099, 128, 4),
 ])
+@pytest.mark.parametrize("key_bits,value_bits", [(4, 3), (3, 3)])
 @pytest.mark.parametrize("qdtype", PATHS)
-def test_lengths_and_edges(tokens, window, sinks, qdtype):
+def test_lengths_and_edges(tokens, window, sinks, key_bits, value_bits, qdtype):
+    """Lengths around tiles and splits, on a bit pair whose tiles are loaded directly (K4/V3 at d = 128) and on one
+    whose whole tiles are staged through shared memory (K3/V3), with partial last tiles."""
     rng = np.random.default_rng(tokens)
-    case = Case(batch=2, kv_heads=2, group=3, tokens=tokens, window=window, sinks=sinks)
+    case = Case(batch=2, kv_heads=2, group=3, tokens=tokens, window=window, sinks=sinks, key_bits=key_bits,
+                value_bits=value_bits)
     q = case.queries(rng, _torch_dtype(qdtype))
     kwargs = {}
     if case.n_codes == 0:
@@ -354,20 +358,49 @@ def test_per_sequence_lengths(qdtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("key_bits,value_bits", [(4, 3), (3, 3), (2, 2)])
 @pytest.mark.parametrize("qdtype", PATHS)
-def test_paged_layout_equals_contiguous(block_size, qdtype):
+def test_paged_layout_equals_contiguous(block_size, key_bits, value_bits, qdtype):
+    """Pages of every size: below one tile (loaded token by token) and of one or more tiles (whole tiles staged through
+    shared memory at K3/V3 and K2/V2, loaded directly at K4/V3)."""
     import torch
     rng = np.random.default_rng(block_size)
-    case = Case(batch=3, kv_heads=2, group=4, tokens=700)
+    case = Case(batch=3, kv_heads=2, group=4, tokens=700, key_bits=key_bits, value_bits=value_bits)
     q = case.queries(rng, _torch_dtype(qdtype))
     contiguous = case.run(q)
+    out = case.run(q, **_paged(case, block_size, rng))
+    assert torch.equal(out, contiguous)  # same arithmetic, other addresses
+    _close(out, case.reference(q), qdtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("block_size", [None, 16, 64])
+@pytest.mark.parametrize("key_bits,value_bits", [(3, 3), (2, 2), (4, 3)])
+def test_long_splits_match_cpu(block_size, key_bits, value_bits):
+    """Splits long enough that every warp takes several tiles, so that the staged bit pairs refill their two slots in
+    the loop (a warp's lane 0 issues the copies of its tile after next), contiguous and paged."""
+    import torch
+    rng = np.random.default_rng(17)
+    case = Case(batch=4, kv_heads=8, group=4, tokens=6000, key_bits=key_bits, value_bits=value_bits)
+    splits = case.attention.num_splits(case.batch, case.kv_heads * case.group, case.n_codes)
+    assert case.n_codes / splits >= 4 * 64, f"{splits} splits of {case.n_codes} codes: too short for this test"
+    q = case.queries(rng, torch.float16)
+    contiguous = case.run(q)
+    _close(contiguous, case.reference(q), "float16")
+    if block_size is not None:
+        assert torch.equal(case.run(q, **_paged(case, block_size, rng)), contiguous)
+
+
+def _paged(case, block_size, rng):
+    """The case's codes as pages of `block_size` tokens in a shuffled pool: the keyword arguments of Case.run."""
+    import torch
     n = case.n_codes
     blocks_per_seq = (n + block_size - 1) // block_size
     num_blocks = case.batch * blocks_per_seq + 5
     order = torch.from_numpy(rng.permutation(num_blocks)[:case.batch * blocks_per_seq].astype(np.int32)).cuda()
     table = order.view(case.batch, blocks_per_seq)
-    paged = {}
+    paged = {"block_table": table, "max_code_length": n}
     for side in ("key", "value"):
         for field in ("indices", "norms"):
             src = case.tensors[f"{side}_{field}"]  # (B, H, n, bytes)
@@ -379,9 +412,7 @@ def test_paged_layout_equals_contiguous(block_size, qdtype):
             blocks = padded.view(case.batch, case.kv_heads, blocks_per_seq, block_size, -1).permute(0, 2, 1, 3, 4)
             pool[table.reshape(-1).long()] = blocks.reshape(-1, case.kv_heads, block_size, src.shape[3])
             paged[f"{side}_{field}"] = pool
-    out = case.run(q, block_table=table, max_code_length=n, **paged)
-    assert torch.equal(out, contiguous)  # same arithmetic, other addresses
-    _close(out, case.reference(q), qdtype)
+    return paged
 
 
 @pytest.mark.cuda
