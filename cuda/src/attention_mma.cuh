@@ -751,8 +751,13 @@ struct SplitMmaShared {
                 "the query fragments, mbarriers and cursors fit the holes");
 
   static constexpr int kSlotBytes = (MmaTile<P, KB, VB>::kStagedBytes + 15) / 16 * 16;
-  static constexpr int kStageBytes = 2 * kSplitWarps * kSlotBytes;
   static constexpr int kExpectedPadding = kCompact ? 0 : kTableSlot - 1024;
+  // OR-addressed layout: when all the slots after the tables do not fit the budget but the last one fits the padding
+  // behind misc (d = 128: K4/V3, K3/V4), that slot (warp kSplitWarps - 1's second) goes there.
+  static constexpr bool kPaddingSlot =
+      !kCompact && kMiscBytes + kSlotBytes <= kExpectedPadding &&
+      kExpectedPadding + kRegionBytes + 2 * kSplitWarps * kSlotBytes > 228 * 1024 / MmaShape<P>::kMinBlocks - 1024;
+  static constexpr int kStageBytes = (2 * kSplitWarps - (kPaddingSlot ? 1 : 0)) * kSlotBytes;  // after the tables
   static constexpr int kMaxPadding = kCompact ? kByteEntryBytes - 16 : kTableSlot - 16;
   static constexpr int kFixed = kCompact ? kRegionBytes + kOutsideBytes : kRegionBytes + kMiscBytes;
   static constexpr int kWorst = kMaxPadding + kFixed;
@@ -860,7 +865,9 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     cursor_bytes = misc + Shared::kCursorOffset;
     stage_offset = padding + Shared::kRegionBytes + (misc_in_padding ? 0 : Shared::kMiscBytes);
   }
-  const bool staging = Shared::kStaged && stage_offset + Shared::kStageBytes <= Shared::kBytes;  // block-uniform
+  // block-uniform; with a slot in the padding, the padding found must hold misc and that slot too
+  const bool staging = Shared::kStaged && stage_offset + Shared::kStageBytes <= Shared::kBytes &&
+                       (!Shared::kPaddingSlot || padding >= Shared::kMiscBytes + Shared::kSlotBytes);
   auto shared_m = reinterpret_cast<float (*)[G]>(statistics);
   auto shared_l = reinterpret_cast<float (*)[G]>(statistics + kSplitWarps * G * 4);
 
@@ -884,9 +891,16 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   const int split = blockIdx.x;
   const int hq0 = h * a.group + chunk * a.chunk_heads;
   const int nh = min(a.chunk_heads, a.group - chunk * a.chunk_heads);
-  // this warp's two staging slots (shared addresses) and their mbarriers
+  // this warp's two mbarriers
   const unsigned barriers = static_cast<unsigned>(__cvta_generic_to_shared(barrier_bytes)) + 16 * warp;
+  // this warp's two staging slots (shared addresses; kPaddingSlot: the last warp's second one behind misc)
   const unsigned slot_base = shared_base + stage_offset + 2 * warp * Shared::kSlotBytes;
+  const auto slot_address = [&](int s) -> unsigned {
+    if constexpr (Shared::kPaddingSlot) {
+      if (s == 1 && warp == kSplitWarps - 1) return shared_base + Shared::kMiscBytes;
+    }
+    return slot_base + s * Shared::kSlotBytes;
+  };
   unsigned long long* const cursor = reinterpret_cast<unsigned long long*>(cursor_bytes) + 4 * warp;
   if (staging) {
     if (lane == 0) {
@@ -969,8 +983,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
       const int base = first + s * kStride;
       if (stageable && base + kTileTokens <= end) {
         if (lane == 0) {
-          stage_tile<P, KB, VB>(tile_sources<P, KB, VB>(a, b, h, base), slot_base + s * Shared::kSlotBytes,
-                                barriers + 8 * s);
+          stage_tile<P, KB, VB>(tile_sources<P, KB, VB>(a, b, h, base), slot_address(s), barriers + 8 * s);
         }
         staged_bits |= 1u << s;
       }
@@ -989,7 +1002,9 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
       if (staged_bits & (1u << slot)) {
         barrier_wait(barriers + 8 * slot, (parity_bits >> slot) & 1u);
         parity_bits ^= 1u << slot;
-        tile.load_staged(shared_bytes + stage_offset + (2 * warp + slot) * Shared::kSlotBytes, g, r);
+        tile.load_staged(Shared::kPaddingSlot ? shared_bytes + (slot_address(slot) - shared_base)
+                                              : shared_bytes + stage_offset + (2 * warp + slot) * Shared::kSlotBytes,
+                         g, r);
       } else {
         tile.load(a, b, h, base, end, g, r);
       }
@@ -1003,7 +1018,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
           asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
           const TileSources sources =
               a.block_table ? tile_sources<P, KB, VB>(a, b, h, next) : advance_cursor<P, KB, VB>(cursor);
-          stage_tile<P, KB, VB>(sources, slot_base + slot * Shared::kSlotBytes, barriers + 8 * slot);
+          stage_tile<P, KB, VB>(sources, slot_address(slot), barriers + 8 * slot);
         }
         staged_bits |= 1u << slot;
       }
