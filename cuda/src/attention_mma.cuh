@@ -721,7 +721,8 @@ __device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity) 
 // reserves, by preference: the worst-case padding with the slots (kFull), else the expected padding with them (kLean:
 // the kernel stages only when the slots fit behind the padding it finds), else the worst case without slots (kWorst,
 // never staged); whichever fits MmaShape<P>::kMinBlocks blocks per multiprocessor (228 KB, 1 KB reserved per block).
-// d = 128: K3/V3, K2/V2, K2/V3, K3/V2 and K2/V4, K4/V2 stage (kLean); K4/V3, K3/V4, K4/V4 do not.
+// d = 128: K2/V2, K2/V3, K3/V2, K2/V4 and K4/V2 stage (kLean), K4/V3 and K3/V4 with one slot in the padding
+// (kPaddingSlot), K3/V3 in the CompactLayout; K4/V4 does not stage.
 //
 // CompactLayout (K3/V3): the two byte-addressed tables (32 KB) at a multiple of kByteEntryBytes (padding <= 240
 // bytes, 0 on H100), the query fragments in the value table's holes (fragment f = 32 s + lane of step s in hole f / 8
