@@ -687,8 +687,9 @@ __device__ __forceinline__ void barrier_init(unsigned barrier) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(barrier));
 }
 
-// The four bulk copies of one staged tile in one asm statement: its operands (slot, barrier, four sources) become
-// uniform registers once, where four separate statements cost a uniform-register round trip and an elect loop each.
+// The transaction count and the four bulk copies of one staged tile in one asm statement (slot offsets and sizes as
+// immediates). ptxas still moves each copy's operands to uniform registers in an elect loop of its own: about 10
+// instructions per copy, executed by lane 0 with the whole warp's issue slots.
 template <int KeyBytes, int ValueBytes, int ValuesAt, int KeyNormsAt, int ValueNormsAt, int TotalBytes>
 __device__ __forceinline__ void bulk_copy_tile(unsigned slot, unsigned barrier, const void* keys, const void* values,
                                                const void* key_norms, const void* value_norms) {
