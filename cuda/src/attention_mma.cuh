@@ -390,9 +390,13 @@ struct MmaTile {
   static constexpr int kStagedValueNorms = kStagedKeyNorms + 2 * kTileTokens;
   static constexpr int kStagedBytes = kStagedValueNorms + 2 * kTileTokens;
 
-  __device__ __forceinline__ void load_staged(const std::uint8_t* stage, int g, int r) {
+  // A staged tile's key words (before the score product), then the rest (load_staged_rest: after it, so that the
+  // value words and norms take no registers while the key lookups are in flight).
+  __device__ __forceinline__ void load_staged_keys(const std::uint8_t* stage, int g, int r) {
     key[0].load_shared(stage + g * kKeyBytes, r * MmaShape<P>::kKeyCoords);
     key[1].load_shared(stage + (8 + g) * kKeyBytes, r * MmaShape<P>::kKeyCoords);
+  }
+  __device__ __forceinline__ void load_staged_rest(const std::uint8_t* stage, int g, int r) {
     const int rows[4] = {2 * r, 2 * r + 1, 8 + 2 * r, 9 + 2 * r};
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -583,8 +587,9 @@ struct ValueLookup<P, VB, true, ByteAddressed> {
   }
 };
 
-template <int P, int KB, int VB>
-__device__ __forceinline__ void mma_tile_step(const MmaTile<P, KB, VB>& tile, const uint4* query_fragments,
+template <int P, int KB, int VB, bool Staged>
+__device__ __forceinline__ void mma_tile_step(MmaTile<P, KB, VB>& tile, const std::uint8_t* staged,
+                                              const uint4* query_fragments,
                                               float query_scale, unsigned key_table, unsigned value_table, int lane,
                                               MmaState<P>& st) {
   constexpr int S = MmaShape<P>::kSteps;
@@ -611,6 +616,7 @@ __device__ __forceinline__ void mma_tile_step(const MmaTile<P, KB, VB>& tile, co
     s0[i] += t0[i];
     s1[i] += t1[i];
   }
+  if constexpr (Staged) tile.load_staged_rest(staged, lane >> 2, r);  // value words and both norms
   float sc[4] = {s0[0] + s0[2], s0[1] + s0[3], s1[0] + s1[2], s1[1] + s1[3]};
 #pragma unroll
   for (int u = 0; u < 4; ++u) sc[u] = tile.key_norm[u] == -INFINITY ? -INFINITY : sc[u] * (tile.key_norm[u] * query_scale);
@@ -1001,16 +1007,19 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     int slot = 0;
     for (int base = first; base < end; base += kStride, slot ^= 1) {
       MmaTile<P, KB, VB> tile;
+      const std::uint8_t* staged = nullptr;
       if (staged_bits & (1u << slot)) {
         barrier_wait(barriers + 8 * slot, (parity_bits >> slot) & 1u);
         parity_bits ^= 1u << slot;
-        tile.load_staged(Shared::kPaddingSlot ? shared_bytes + (slot_address(slot) - shared_base)
-                                              : shared_bytes + stage_offset + (2 * warp + slot) * Shared::kSlotBytes,
-                         g, r);
+        staged = Shared::kPaddingSlot ? shared_bytes + (slot_address(slot) - shared_base)
+                                      : shared_bytes + stage_offset + (2 * warp + slot) * Shared::kSlotBytes;
+        tile.load_staged_keys(staged, g, r);
+        mma_tile_step<P, KB, VB, true>(tile, staged, query_fragments, query_scale, key_table, value_table, lane, st);
       } else {
         tile.load(a, b, h, base, end, g, r);
+        mma_tile_step<P, KB, VB, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane,
+                                        st);
       }
-      mma_tile_step<P, KB, VB>(tile, query_fragments, query_scale, key_table, value_table, lane, st);
       // the slot's words are consumed (every lane's reads precede lane 0's next bulk copy into it)
       staged_bits &= ~(1u << slot);
       const int next = base + 2 * kStride;
@@ -1029,7 +1038,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     for (int base = begin + warp * kTileTokens; base < end; base += kStride) {
       MmaTile<P, KB, VB> tile;
       tile.load(a, b, h, base, end, g, r);
-      mma_tile_step<P, KB, VB>(tile, query_fragments, query_scale, key_table, value_table, lane, st);
+      mma_tile_step<P, KB, VB, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane, st);
     }
   }
 
