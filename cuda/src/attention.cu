@@ -253,12 +253,12 @@ DeviceDecodeAttention::DeviceDecodeAttention(const std::vector<const Quantizer*>
   device_ = detail::resolve_device(device, kContext);
   detail::ScopedDevice scoped_device(device_, kContext);
   multiprocessor_count_ = detail::multiprocessor_count(device_, kContext);
-  if (key_bits_ == 3) {  // the tensor-core kernel's byte-addressed 3-bit key table (attention_mma.cuh)
+  if (key_bits_ == 3) {  // the tensor-core kernel's byte-addressed 3-bit pair tables (attention_mma.cuh)
     int reserved = 0;
     ROTORQUANT_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device_), kContext);
     if (!attention::byte_table_fits_after(reserved)) {
       throw RuntimeError(std::string(kContext) + ": this device reserves " + std::to_string(reserved) +
-                         " bytes of shared memory per block, which puts the 3-bit key pair table across a 64 KB "
+                         " bytes of shared memory per block, which puts the 3-bit pair tables across a 64 KB "
                          "boundary; 3-bit keys are not supported on it");
     }
   }

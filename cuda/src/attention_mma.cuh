@@ -21,7 +21,8 @@
 // interleaved field by field (two masks and a shift per word). The pair tables have bank-private copies (see
 // PairCopies): lookups of data-dependent entries are then (nearly) free of bank conflicts. 3-bit fields, split over
 // two planes, are rearranged once per tile into one byte per pair (pair_bytes): a key lookup is then one byte permute
-// into a byte-addressed key table (ByteTable), a value lookup one shift and one mask-or.
+// into a byte-addressed key table (ByteTable), a value lookup one shift and one mask-or, or at K3/V3 (CompactLayout)
+// one byte permute into a byte-addressed value table too.
 //
 // Numerics: queries are scaled per head by a power of two to |q| < 1 and split into an fp16 value (A rows 0-7) and
 // its fp16 remainder (rows 8-15, otherwise padding: the split costs no extra product). Key centroids likewise: a
@@ -232,7 +233,7 @@ __device__ __forceinline__ void pair_bytes(unsigned lo, unsigned hi, unsigned p1
   }
 }
 
-// A byte-addressed table at shared address `table` (a multiple of kTableSlot) is read at table + lane's copy offset
+// A byte-addressed table at shared address `table` (a multiple of kByteEntryBytes) is read at table + lane's copy offset
 // + 256 e (+ kByteLowOffset). The pair field e <= 63 is added to the table's address bits 8-15 in advance (the bias in
 // every byte of the pair_bytes words), so a byte permute that puts the biased byte over bits 8-15 of `lane_address`
 // (table + 4 lane) yields the entry's whole address: no add per lookup. This needs the table's bits 8-15 plus 63 to
@@ -821,8 +822,17 @@ __device__ __forceinline__ void stage_tile(const TileSources& sources, unsigned 
       slot, barrier, sources.keys, sources.values, sources.key_norms, sources.value_norms);
 }
 
-// Contiguous layout: a warp's next tile to stage, as a cursor in shared memory (lane 0's, advanced by the warps' tile
-// stride per copy) instead of a row computation and four 64-bit products per tile in the loop.
+// Contiguous layout: a warp's next tile to stage, as a cursor in shared memory (lane 0's, set once by set_cursor and
+// advanced by the warps' tile stride per copy) instead of a row computation and four 64-bit products per tile in the
+// loop.
+__device__ __forceinline__ void set_cursor(unsigned long long* cursor, const TileSources& sources) {
+  ulonglong2* const c = reinterpret_cast<ulonglong2*>(cursor);
+  c[0] = make_ulonglong2(reinterpret_cast<unsigned long long>(sources.keys),
+                         reinterpret_cast<unsigned long long>(sources.values));
+  c[1] = make_ulonglong2(reinterpret_cast<unsigned long long>(sources.key_norms),
+                         reinterpret_cast<unsigned long long>(sources.value_norms));
+}
+
 template <int P, int KB, int VB>
 __device__ __forceinline__ TileSources advance_cursor(unsigned long long* cursor) {
   using Tile = MmaTile<P, KB, VB>;
@@ -997,12 +1007,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
       }
     }
     if (stageable && !a.block_table && lane == 0) {
-      const TileSources next = tile_sources<P, KB, VB>(a, b, h, first + 2 * kStride);
-      reinterpret_cast<ulonglong2*>(cursor)[0] = make_ulonglong2(reinterpret_cast<unsigned long long>(next.keys),
-                                                                 reinterpret_cast<unsigned long long>(next.values));
-      reinterpret_cast<ulonglong2*>(cursor)[1] =
-          make_ulonglong2(reinterpret_cast<unsigned long long>(next.key_norms),
-                          reinterpret_cast<unsigned long long>(next.value_norms));
+      set_cursor(cursor, tile_sources<P, KB, VB>(a, b, h, first + 2 * kStride));
     }
     int slot = 0;
     for (int base = first; base < end; base += kStride, slot ^= 1) {
@@ -1011,8 +1016,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
       if (staged_bits & (1u << slot)) {
         barrier_wait(barriers + 8 * slot, (parity_bits >> slot) & 1u);
         parity_bits ^= 1u << slot;
-        staged = Shared::kPaddingSlot ? shared_bytes + (slot_address(slot) - shared_base)
-                                      : shared_bytes + stage_offset + (2 * warp + slot) * Shared::kSlotBytes;
+        staged = shared_bytes + (slot_address(slot) - shared_base);
         tile.load_staged_keys(staged, g, r);
         mma_tile_step<P, KB, VB, true>(tile, staged, query_fragments, query_scale, key_table, value_table, lane, st);
       } else {
