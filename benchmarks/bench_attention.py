@@ -1,6 +1,7 @@
 """Fused decode attention on compressed K/V (rotorquant.DecodeAttention) against torch SDPA in bf16, on one GPU.
 
     python benchmarks/bench_attention.py [--quick] [--batches 1 8 32] [--contexts 4096 32768 131072]
+        [--q-heads 32] [--bits 3/3 4/3] [--no-baselines]
 
 Shapes (issue 6): Hq = 32 query heads, Hkv = 8 KV heads, head_dim 128, one query position per sequence (decode),
 every sequence at the full context, K/V bits 4/4, 4/3, 3/3, 2/2 (hadamard rotation, float16 norms), no
@@ -100,11 +101,24 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument("--no-baselines", action="store_true", help="skip SDPA and decode+SDPA")
+    parser.add_argument("--q-heads", type=int, default=Q_HEADS,
+                        help=f"query heads (a multiple of the {KV_HEADS} KV heads; default {Q_HEADS}, GQA 4)")
+    parser.add_argument("--bits", nargs="+", default=None, metavar="K/V",
+                        help="K/V bit pairs, e.g. 3/3 4/3 (default: " + " ".join(f"{k}/{v}" for k, v in BITS) + ")")
     args = parser.parse_args()
+    if args.q_heads < KV_HEADS or args.q_heads % KV_HEADS:
+        parser.error(f"--q-heads must be a positive multiple of {KV_HEADS}, got {args.q_heads}")
+    try:
+        pairs = [tuple(int(x) for x in pair.split("/")) for pair in args.bits] if args.bits else BITS
+    except ValueError:
+        parser.error(f"--bits takes pairs like 3/3, got {args.bits}")
+    if any(len(p) != 2 or not all(2 <= b <= 4 for b in p) for p in pairs):
+        parser.error(f"--bits takes pairs of 2, 3 or 4 bits like 3/3, got {args.bits}")
+    q_heads = args.q_heads
     if not (torch.cuda.is_available() and rq.has_cuda()):
         print("bench_attention: needs a CUDA device and a CUDA build of rotorquant", file=sys.stderr)
         return 1
-    batches, contexts, bit_pairs = args.batches, args.contexts, BITS
+    batches, contexts, bit_pairs = args.batches, args.contexts, pairs
     if args.quick:
         batches, contexts, bit_pairs = [1, 32], [32768], [(3, 3), (4, 3)]
     device = torch.device("cuda", 0)
@@ -112,7 +126,7 @@ def main() -> int:
     copy = copy_bandwidth(device)
     print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}; "
           f"copy bandwidth (read + write) {copy:.0f} GB/s")
-    print(f"Hq={Q_HEADS} Hkv={KV_HEADS} d={DIM}, decode (1 query position), hadamard codes, fp16 norms")
+    print(f"Hq={q_heads} Hkv={KV_HEADS} d={DIM}, decode (1 query position), hadamard codes, fp16 norms")
     header = (f"{'B':>3} {'context':>8} {'K/V':>4} {'bytes/tok':>9} {'ms':>8} {'GB/s':>7} {'of copy':>7} "
               f"{'SDPA ms':>8} {'SDPA GB/s':>9} {'x SDPA':>7} {'dec+SDPA ms':>11} {'x dec+SDPA':>10} "
               f"{'graph ms':>8} {'graph SDPA':>10} {'graph x':>7}")
@@ -137,7 +151,7 @@ def main() -> int:
                 ki, kn = random_codes(batch, context, kq[0], device)
                 vi, vn = random_codes(batch, context, vq[0], device)
                 lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
-                q = torch.randn(batch, Q_HEADS, DIM, device=device, dtype=torch.bfloat16)
+                q = torch.randn(batch, q_heads, DIM, device=device, dtype=torch.bfloat16)
                 views = [t.permute(1, 0, 2, 3) for t in (ki, kn, vi, vn)]
 
                 def fused():

@@ -109,8 +109,9 @@ void launch_split(const attention::KernelArgs& a, dim3 grid, cudaStream_t stream
     attention::split_kernel<P, G, KB, VB><<<grid, attention::kSplitWarps * 32, 0, stream>>>(a);
     return;
   }
-  auto kernel = attention::split_mma_kernel<P, KB, VB>;
-  constexpr int kShared = attention::SplitMmaShared<P, KB, VB>::kBytes;
+  constexpr int NT = G <= 4 ? 1 : 2;  // score n-tiles: 4 query heads each
+  auto kernel = attention::split_mma_kernel<P, KB, VB, NT>;
+  constexpr int kShared = attention::SplitMmaShared<P, KB, VB, NT>::kBytes;
   if constexpr (kShared > 48 * 1024) {  // raises the kernel's dynamic shared-memory limit, once per device
     static std::atomic<int> cache[kCachedDevices] = {};
     resident_blocks(kernel, attention::kSplitWarps * 32, kShared, 1, cache);

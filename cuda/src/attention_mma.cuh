@@ -4,18 +4,22 @@
 // One block of kSplitWarps warps per (split, KV head x head chunk, sequence), as the SIMT split kernel; each warp
 // takes 16-token tiles in turn and runs both products on mma.sync m16n8k16 (fp16 operands, fp32 accumulation):
 //
-//   scores  S (16 x 8)  = Q (16 heads, zero rows beyond the chunk) x K^T (k = 16 coordinates, n = 8 tokens),
-//           two n-tiles (tokens 0-7 and 8-15 of the tile) over P / 16 coordinate steps;
+//   scores  S^T (16 tokens x 8) = K (16 tokens x 16 coordinates) x Q^T (16 coordinates x 8 columns), the columns
+//           holding the fp16 value and the fp16 remainder of 4 query heads (column 2 j: head j, 2 j + 1: its
+//           remainder); NT = 1 n-tile for chunks of up to 4 heads, 2 for 8 heads; P / 16 coordinate steps;
 //   values  O^T (16 x 8) += V^T (16 coordinates x 16 tokens) x P^T (16 tokens x 8 heads), P / 16 coordinate tiles.
 //
 // Lane (g, r) = (lane / 4, lane % 4). The reduction index of the score product may be any permutation of the
 // coordinates (the query fragments use the same one), so lane (g, r) takes the contiguous quarter
-// [r P / 4, (r + 1) P / 4) of token g's key code: step s, k-slots 2r, 2r + 1 <-> coordinates r P / 4 + 4 s + 0, 1 and
-// k-slots 2r + 8, 2r + 9 <-> r P / 4 + 4 s + 2, 3. Its key operand registers are then pairs of adjacent coordinates,
-// read as one field of the bit-plane words from a pair table (half2 entries of two centroids). The score
-// accumulator of lane (g, r) holds head g at tokens 2r, 2r + 1 (and 8 + 2r, 9 + 2r in the second n-tile): exactly
-// the B operand P^T[tokens 2r.., head g] of the value product, so the softmax weights never leave the registers.
-// The value product's output rows are coordinates, again in any order: lane g's rows are the contiguous slice
+// [r P / 4, (r + 1) P / 4) of the key codes of tokens g and g + 8 (its A rows): step s, k-slots 2r, 2r + 1 <->
+// coordinates r P / 4 + 4 s + 0, 1 and k-slots 2r + 8, 2r + 9 <-> r P / 4 + 4 s + 2, 3. Its key operand registers
+// are then pairs of adjacent coordinates, read as one field of the bit-plane words from a pair table (half2 entries
+// of two centroids). The score accumulator of lane (g, r) holds head 4 t + r (n-tile t) at tokens g and g + 8, its
+// value and remainder columns side by side (summed in fp32). Tokens in the m dimension fill all 16 rows of the
+// product with the 4 heads a chunk of GQA 4 has (the transposed product, Q x K^T with heads as rows, left half of its
+// rows padding and took two products per 16 tokens); the softmax weights then go to the value product's B operand
+// (lane (g, r): head g at tokens 2r, 2r + 1, 8 + 2r, 9 + 2r) by two shuffles and two byte permutes per tile.
+// The value product's output rows are coordinates, in any order too: lane g's rows are the contiguous slice
 // [g P / 8, (g + 1) P / 8), m-tile i row g <-> g P / 8 + 2 i, row g + 8 <-> g P / 8 + 2 i + 1; its A registers pair
 // two tokens at one coordinate, read from the same kind of pair table after the two tokens' plane words are
 // interleaved field by field (two masks and a shift per word). The pair tables have bank-private copies (see
@@ -24,14 +28,14 @@
 // into a byte-addressed key table (ByteTable), a value lookup one shift and one mask-or, or at K3/V3 (CompactLayout)
 // one byte permute into a byte-addressed value table too.
 //
-// Numerics: queries are scaled per head by a power of two to |q| < 1 and split into an fp16 value (A rows 0-7) and
-// its fp16 remainder (rows 8-15, otherwise padding: the split costs no extra product). Key centroids likewise: a
-// second pair table holds their fp16 remainders, read at the same address plus an offset, and a second product with
-// the same A adds them, so the scores carry ~22-bit operands; they are accumulated in fp32 and multiplied by the key
-// norm and the power of two in fp32. Value centroids and the softmax weights are fp16. Value norms are folded into
-// the weights as p * n_t * 2^-E, with 2^E a running power-of-two bound of the value norms seen (rescaled lazily like
-// the softmax maximum), so the fp16 weights stay <= 2^9 for any norm; the accumulator is multiplied by 2^E at the
-// end. Online softmax as in the SIMT kernel (base 2, lazy rescale by kRescaleThreshold).
+// Numerics: queries are scaled per head by a power of two to |q| < 1 and split into an fp16 value and its fp16
+// remainder (two columns of the score product's B operand). Key centroids likewise: a second pair table holds their
+// fp16 remainders, read at the same address plus an offset, and a second product with the same B adds them, so the
+// scores carry ~22-bit operands; they are accumulated in fp32 and multiplied by the key norm and the power of two in
+// fp32. Value centroids and the softmax weights are fp16. Value norms are folded into the weights as p * n_t * 2^-E,
+// with 2^E a running power-of-two bound of the value norms seen (rescaled lazily like the softmax maximum), so the
+// fp16 weights stay <= 2^9 for any norm; the accumulator is multiplied by 2^E at the end. Online softmax as in the
+// SIMT kernel (base 2, lazy rescale by kRescaleThreshold).
 #pragma once
 
 #include "attention_kernels.cuh"
@@ -194,10 +198,20 @@ struct CompactLayout {
   static constexpr bool value = ByteTable<KB>::value && ByteTable<VB>::value;
 };
 constexpr int kHoleBytes = 128, kHoles = 64;
-// The stride (uint4 units) between the query fragments of consecutive k-steps of one lane: 32 lanes x 16 bytes, or in
-// the CompactLayout's holes 4 holes (8 fragments each) 256 bytes apart.
-template <int KB, int VB>
-constexpr int kFragmentStride = CompactLayout<KB, VB>::value ? 4 * kByteEntryBytes / 16 : 32;
+// The query fragments (the score product's B operand): per k-step and lane 8 NT bytes (NT n-tiles of two registers).
+// A step's 32 fragments lie side by side (32 x 8 NT bytes), or in the CompactLayout's holes 2 NT holes of 16 / NT
+// fragments each, 256 bytes apart. kFragmentStepBytes: the stride between the steps of one lane; fragment_offset:
+// lane l's fragment of step 0, from the first fragment (or hole).
+template <int KB, int VB, int NT>
+constexpr int kFragmentStepBytes = CompactLayout<KB, VB>::value ? 2 * NT * kByteEntryBytes : 32 * 8 * NT;
+template <int KB, int VB, int NT>
+__device__ __forceinline__ int fragment_offset(int lane) {
+  if constexpr (CompactLayout<KB, VB>::value) {
+    return kByteEntryBytes * (lane / (16 / NT)) + 8 * NT * (lane % (16 / NT));
+  } else {
+    return 8 * NT * lane;
+  }
+}
 
 // Shared address in the pair table at `table` (its base ORed with the lane's copy offset) of the pair field `pair`
 // (the coordinates 2 pair, 2 pair + 1 of plane words laid out like a code slice, or the token-interleaved words of
@@ -377,12 +391,12 @@ struct MmaShape {
   static constexpr int kMinBlocks = P <= 128 ? 5 : 2;  // H100, B = 32: 5 blocks 4-12% faster than 4
 };
 
-// One warp tile's loads: key slices of tokens g and 8 + g, value slices and norms of tokens 2r, 2r + 1, 8 + 2r, 9 + 2r.
+// One warp tile's loads: key slices and norms of tokens g and 8 + g, value slices of tokens 2r, 2r + 1, 8 + 2r, 9 + 2r.
 template <int P, int KB, int VB>
 struct MmaTile {
   CodeSlice<KB, P, MmaShape<P>::kKeyCoords> key[2];
   CodeSlice<VB, P, MmaShape<P>::kValueCoords> value[4];
-  float key_norm[4], value_norm[4];  // value_norm 0 and key_norm -inf for invalid tokens
+  float key_norm[2], value_norm[2];  // tokens g, 8 + g; value_norm 0 and key_norm -inf for invalid tokens
 
   static constexpr int kKeyBytes = P * KB / 8, kValueBytes = P * VB / 8;  // index bytes (padded_dim == dim, mse)
   // A staged tile (TileStage): the 16 key rows, the 16 value rows, 16 fp16 key norms, 16 fp16 value norms.
@@ -403,14 +417,12 @@ struct MmaTile {
     for (int u = 0; u < 4; ++u) {
       value[u].load_shared(stage + kStagedValues + rows[u] * kValueBytes, g * MmaShape<P>::kValueCoords);
     }
+    const __half* kn = reinterpret_cast<const __half*>(stage + kStagedKeyNorms);
+    const __half* vn = reinterpret_cast<const __half*>(stage + kStagedValueNorms);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const float2 k2 = __half22float2(reinterpret_cast<const __half2*>(stage + kStagedKeyNorms)[r + 4 * half]);
-      const float2 v2 = __half22float2(reinterpret_cast<const __half2*>(stage + kStagedValueNorms)[r + 4 * half]);
-      key_norm[2 * half] = k2.x;
-      key_norm[2 * half + 1] = k2.y;
-      value_norm[2 * half] = v2.x;
-      value_norm[2 * half + 1] = v2.y;
+      key_norm[half] = __half2float(kn[g + 8 * half]);
+      value_norm[half] = __half2float(vn[g + 8 * half]);
     }
   }
 
@@ -419,49 +431,29 @@ struct MmaTile {
     // starts at a multiple of 16): one row computation, unpredicated loads. Otherwise token by token.
     if (base + kTileTokens <= end && !a.code_mask && (!a.block_table || a.block_shift >= 4)) {
       const std::int64_t row0 = code_row(a, b, h, base);
-      key[0].load(a.key_indices + (row0 + g) * kKeyBytes, r * MmaShape<P>::kKeyCoords, true);
-      key[1].load(a.key_indices + (row0 + 8 + g) * kKeyBytes, r * MmaShape<P>::kKeyCoords, true);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const std::int64_t row = row0 + 8 * half + g;
+        key[half].load(a.key_indices + row * kKeyBytes, r * MmaShape<P>::kKeyCoords, true);
+        key_norm[half] = load_norm(a.key_norms, row, a.norm_bytes);
+        value_norm[half] = load_norm(a.value_norms, row, a.norm_bytes);
+      }
       const std::int64_t rows[4] = {row0 + 2 * r, row0 + 2 * r + 1, row0 + 8 + 2 * r, row0 + 9 + 2 * r};
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         value[u].load(a.value_indices + rows[u] * kValueBytes, g * MmaShape<P>::kValueCoords, true);
-      }
-      if (a.norm_bytes == 2) {
-        // tokens 2r, 2r + 1 (and 8 + 2r, 9 + 2r) are adjacent: one 4-byte load per pair when aligned
-        const __half* kn = reinterpret_cast<const __half*>(a.key_norms) + rows[0];
-        const __half* vn = reinterpret_cast<const __half*>(a.value_norms) + rows[0];
-        if (((reinterpret_cast<std::uintptr_t>(kn) | reinterpret_cast<std::uintptr_t>(vn)) & 3u) == 0) {
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const float2 k2 = __half22float2(__ldg(reinterpret_cast<const __half2*>(kn + 8 * half)));
-            const float2 v2 = __half22float2(__ldg(reinterpret_cast<const __half2*>(vn + 8 * half)));
-            key_norm[2 * half] = k2.x;
-            key_norm[2 * half + 1] = k2.y;
-            value_norm[2 * half] = v2.x;
-            value_norm[2 * half + 1] = v2.y;
-          }
-        } else {
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            key_norm[u] = __half2float(__ldg(reinterpret_cast<const __half*>(a.key_norms) + rows[u]));
-            value_norm[u] = __half2float(__ldg(reinterpret_cast<const __half*>(a.value_norms) + rows[u]));
-          }
-        }
-      } else {
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          key_norm[u] = __ldg(reinterpret_cast<const float*>(a.key_norms) + rows[u]);
-          value_norm[u] = __ldg(reinterpret_cast<const float*>(a.value_norms) + rows[u]);
-        }
       }
       return;
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int t = base + 8 * half + g;
-      const bool valid = t < end;
-      const std::int64_t row = valid ? code_row(a, b, h, t) : 0;
-      key[half].load(a.key_indices + row * kKeyBytes, r * MmaShape<P>::kKeyCoords, valid);
+      const bool in_range = t < end;
+      const bool valid = in_range && (!a.code_mask || __ldg(a.code_mask + b * a.code_mask_stride + t) != 0);
+      const std::int64_t row = in_range ? code_row(a, b, h, t) : 0;
+      key[half].load(a.key_indices + row * kKeyBytes, r * MmaShape<P>::kKeyCoords, in_range);
+      key_norm[half] = valid ? load_norm(a.key_norms, row, a.norm_bytes) : -INFINITY;
+      value_norm[half] = valid ? load_norm(a.value_norms, row, a.norm_bytes) : 0.0f;
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -470,18 +462,16 @@ struct MmaTile {
       if (valid && a.code_mask) valid = __ldg(a.code_mask + b * a.code_mask_stride + t) != 0;
       const std::int64_t row = valid ? code_row(a, b, h, t) : 0;
       value[u].load(a.value_indices + row * kValueBytes, g * MmaShape<P>::kValueCoords, valid);
-      key_norm[u] = valid ? load_norm(a.key_norms, row, a.norm_bytes) : -INFINITY;
-      value_norm[u] = valid ? load_norm(a.value_norms, row, a.norm_bytes) : 0.0f;
     }
   }
 };
 
-// Running state of one warp: softmax maximum of the lane's own head g (m_own, with its partial sum l_own) and of the
-// accumulator's heads 2r, 2r + 1 (m_a, m_b: copies of other lanes' m_own, updated identically), the value-norm
-// exponent E and the accumulator O^T (coordinate rows, head columns).
-template <int P>
+// Running state of one warp: softmax maximum of the lane's own heads 4 t + r (m_own, with its partial sum l_own) and
+// of the accumulator's heads 2r, 2r + 1 (m_a, m_b: copies of other lanes' m_own, updated identically), the
+// value-norm exponent E and the accumulator O^T (coordinate rows, head columns).
+template <int P, int NT>
 struct MmaState {
-  float m_own, m_a, m_b, l_own;
+  float m_own[NT], l_own[NT], m_a, m_b;
   int value_exponent;
   float inverse_value_scale;
   float acc[MmaShape<P>::kSteps][4];
@@ -588,53 +578,93 @@ struct ValueLookup<P, VB, true, ByteAddressed> {
   }
 };
 
-template <int P, int KB, int VB, bool Staged>
+// The lane's query fragments of one k-step: b[t] = the B registers of n-tile t.
+template <int NT>
+__device__ __forceinline__ void load_fragments(const unsigned char* fragment, unsigned (&b)[NT][2]) {
+  if constexpr (NT == 1) {
+    const uint2 v = *reinterpret_cast<const uint2*>(fragment);
+    b[0][0] = v.x;
+    b[0][1] = v.y;
+  } else {
+    const uint4 v = *reinterpret_cast<const uint4*>(fragment);
+    b[0][0] = v.x;
+    b[0][1] = v.y;
+    b[1][0] = v.z;
+    b[1][1] = v.w;
+  }
+}
+
+template <int P, int KB, int VB, int NT, bool Staged>
 __device__ __forceinline__ void mma_tile_step(MmaTile<P, KB, VB>& tile, const std::uint8_t* staged,
-                                              const uint4* query_fragments,
-                                              float query_scale, unsigned key_table, unsigned value_table, int lane,
-                                              MmaState<P>& st) {
+                                              const unsigned char* query_fragments, const float (&query_scale)[NT],
+                                              unsigned key_table, unsigned value_table, int lane,
+                                              MmaState<P, NT>& st) {
   constexpr int S = MmaShape<P>::kSteps;
-  const int r = lane & 3;
-  // scores of head g at tokens 2r, 2r + 1 (n-tile 0) and 8 + 2r, 9 + 2r (n-tile 1); the centroid and remainder
-  // products accumulate in separate registers (two dependency chains instead of one)
-  float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  float t0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, t1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int g = lane >> 2, r = lane & 3;
+  // S^T of n-tile t: c0, c1 = token g, head 4 t + r's value and remainder columns; c2, c3 = token 8 + g. The centroid
+  // and remainder products accumulate in separate registers (two dependency chains per n-tile instead of one).
+  float s0[NT][4], s1[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s0[t][i] = s1[t][i] = 0.0f;
+  }
   const KeyLookup<P, KB> keys(tile.key, key_table, lane);
 #pragma unroll
   for (int s = 0; s < S; ++s) {
+    // A rows g, 8 + g: tokens g and 8 + g, pairs 2 s (k-slots 2r, 2r + 1) and 2 s + 1 (2r + 8, 2r + 9)
     const unsigned e00 = keys.address(0, 2 * s), e01 = keys.address(0, 2 * s + 1);
     const unsigned e10 = keys.address(1, 2 * s), e11 = keys.address(1, 2 * s + 1);
-    // A rows 0-7: the queries' fp16 values, rows 8-15: their fp16 remainders; B: the keys' fp16 centroids, then
-    // their remainders (same A registers). C rows 0-7 + rows 8-15 = (q_hi + q_lo)(k_hi + k_lo) = q k to fp32.
-    const uint4 a = query_fragments[s * kFragmentStride<KB, VB>];
-    mma_16816(s0, a.x, a.y, a.z, a.w, shared_word(e00), shared_word(e01));
-    mma_16816(s1, a.x, a.y, a.z, a.w, shared_word(e10), shared_word(e11));
-    mma_16816(t0, a.x, a.y, a.z, a.w, keys.remainder(e00), keys.remainder(e01));
-    mma_16816(t1, a.x, a.y, a.z, a.w, keys.remainder(e10), keys.remainder(e11));
-  }
+    unsigned b[NT][2];
+    load_fragments<NT>(query_fragments + s * kFragmentStepBytes<KB, VB, NT>, b);
+    const unsigned k00 = shared_word(e00), k10 = shared_word(e10), k01 = shared_word(e01), k11 = shared_word(e11);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    s0[i] += t0[i];
-    s1[i] += t1[i];
+    for (int t = 0; t < NT; ++t) mma_16816(s0[t], k00, k10, k01, k11, b[t][0], b[t][1]);
+    const unsigned l00 = keys.remainder(e00), l10 = keys.remainder(e10);
+    const unsigned l01 = keys.remainder(e01), l11 = keys.remainder(e11);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) mma_16816(s1[t], l00, l10, l01, l11, b[t][0], b[t][1]);
   }
   if constexpr (Staged) tile.load_staged_rest(staged, lane >> 2, r);  // value words and both norms
-  float sc[4] = {s0[0] + s0[2], s0[1] + s0[3], s1[0] + s1[2], s1[1] + s1[3]};
+  // scores of head 4 t + r at tokens g (sc[t][0]) and 8 + g (sc[t][1]); the tile maximum of each over the 8 lanes
+  // of its column
+  float sc[NT][2], tile_max[NT];
 #pragma unroll
-  for (int u = 0; u < 4; ++u) sc[u] = tile.key_norm[u] == -INFINITY ? -INFINITY : sc[u] * (tile.key_norm[u] * query_scale);
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float dot = (s0[t][2 * half] + s0[t][2 * half + 1]) + (s1[t][2 * half] + s1[t][2 * half + 1]);
+      sc[t][half] = tile.key_norm[half] == -INFINITY ? -INFINITY : dot * (tile.key_norm[half] * query_scale[t]);
+    }
+    float m = fmaxf(sc[t][0], sc[t][1]);
+    m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 4));
+    m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 8));
+    tile_max[t] = fmaxf(m, __shfl_xor_sync(kFullMask, m, 16));
+  }
+  // the accumulator heads 2r, 2r + 1: n-tile r / 2, column lanes (2r) % 4 and (2r + 1) % 4 (NT = 1: heads 4-7 are
+  // padding; lanes r = 2, 3 take heads 0, 1's maxima for their padding columns)
+  const int lane_a = 4 * g + ((2 * r) & 3);
+  float max_a = __shfl_sync(kFullMask, tile_max[0], lane_a);
+  float max_b = __shfl_sync(kFullMask, tile_max[0], lane_a + 1);
+  if constexpr (NT == 2) {
+    const float max_a1 = __shfl_sync(kFullMask, tile_max[1], lane_a);
+    const float max_b1 = __shfl_sync(kFullMask, tile_max[1], lane_a + 1);
+    if (r >= 2) {
+      max_a = max_a1;
+      max_b = max_b1;
+    }
+  }
+  float value_max = fmaxf(tile.value_norm[0], tile.value_norm[1]);
+  value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, 4));
+  value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, 8));
+  value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, 16));  // warp-uniform: the tile's 16 tokens
 
-  // tile maxima: of head g over the quad, then the accumulator heads' from their lanes
-  float tile_max = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
-  tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
-  tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
-  const float max_a = __shfl_sync(kFullMask, tile_max, 8 * r);
-  const float max_b = __shfl_sync(kFullMask, tile_max, 8 * r + 4);
-  float value_max = fmaxf(fmaxf(tile.value_norm[0], tile.value_norm[1]), fmaxf(tile.value_norm[2], tile.value_norm[3]));
-  value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, 1));
-  value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, 2));  // warp-uniform: the tile's 16 tokens
-
-  if (tile_max > st.m_own + kRescaleThreshold) {
-    st.l_own *= fast_exp2(st.m_own - tile_max);  // 0 while m_own is -inf
-    st.m_own = tile_max;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    if (tile_max[t] > st.m_own[t] + kRescaleThreshold) {
+      st.l_own[t] *= fast_exp2(st.m_own[t] - tile_max[t]);  // 0 while m_own is -inf
+      st.m_own[t] = tile_max[t];
+    }
   }
   float correction_a = 1.0f, correction_b = 1.0f;
   if (max_a > st.m_a + kRescaleThreshold) {
@@ -664,14 +694,30 @@ __device__ __forceinline__ void mma_tile_step(MmaTile<P, KB, VB>& tile, const st
       st.acc[i][3] *= correction_b;
     }
   }
-  float w[4];
+  // weights p n_v 2^-E of head 4 t + r at tokens g, 8 + g as one half2 per n-tile, then the value product's B operand
+  // (head g at tokens 2r, 2r + 1 | 8 + 2r, 9 + 2r) from the lanes of column g % 4 in rows 2r and 2r + 1
+  unsigned packed[NT];
 #pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const float p = st.m_own == -INFINITY ? 0.0f : fast_exp2(sc[u] - st.m_own);
-    st.l_own += p;
-    w[u] = p * (tile.value_norm[u] * st.inverse_value_scale);
+  for (int t = 0; t < NT; ++t) {
+    float w[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float p = st.m_own[t] == -INFINITY ? 0.0f : fast_exp2(sc[t][half] - st.m_own[t]);
+      st.l_own[t] += p;
+      w[half] = p * (tile.value_norm[half] * st.inverse_value_scale);
+    }
+    packed[t] = pack_half2(w[0], w[1]);
   }
-  const unsigned p01 = pack_half2(w[0], w[1]), p23 = pack_half2(w[2], w[3]);
+  const int lane_p = 8 * r + (g & 3);
+  unsigned x = __shfl_sync(kFullMask, packed[0], lane_p), y = __shfl_sync(kFullMask, packed[0], lane_p + 4);
+  if constexpr (NT == 2) {
+    const unsigned x1 = __shfl_sync(kFullMask, packed[1], lane_p), y1 = __shfl_sync(kFullMask, packed[1], lane_p + 4);
+    if (g >= 4) {
+      x = x1;
+      y = y1;
+    }
+  }
+  const unsigned p01 = __byte_perm(x, y, 0x5410), p23 = __byte_perm(x, y, 0x7632);
 
   // value product: A = V^T (rows: this lane's coordinates 2i, 2i + 1 of its slice; k: the tokens)
   const ValueLookup<P, VB, Planes<VB>::kSecond, CompactLayout<KB, VB>::value> values(tile.value, value_table, lane);
@@ -737,13 +783,13 @@ __device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity) 
 // at 16 (f % 8)), then the slot mbarriers (one hole) and staging cursors (the next) when holes are left, the block
 // merge's accumulators over the key table and its statistics behind them (both after the tile loop), anything that
 // does not fit there ("outside": d = 256) after the tables, then the slots: 32 + 12.5 KB at d = 128, 5 blocks per SM.
-template <int P, int KB, int VB>
+template <int P, int KB, int VB, int NT>
 struct SplitMmaShared {
   static constexpr bool kCompact = CompactLayout<KB, VB>::value;
   static constexpr int kAccumulatorBytes = kSplitWarps * kMmaHeads * P * 4;
   static constexpr int kTables = kCompact ? 2 * 64 * kByteEntryBytes : kTableBytes;
   static constexpr int kRegionBytes = kAccumulatorBytes > kTables ? kAccumulatorBytes : kTables;
-  static constexpr int kFragmentBytes = MmaShape<P>::kSteps * 32 * 16;
+  static constexpr int kFragmentBytes = MmaShape<P>::kSteps * 32 * 8 * NT;
   static constexpr int kStatisticsBytes = 2 * kSplitWarps * kMmaHeads * 4;
   static constexpr int kBarrierBytes = 2 * kSplitWarps * 8, kCursorBytes = kSplitWarps * 32;
   // OR-addressed layout: misc
@@ -845,11 +891,11 @@ __device__ __forceinline__ TileSources advance_cursor(unsigned long long* cursor
           reinterpret_cast<const std::uint8_t*>(c1.x), reinterpret_cast<const std::uint8_t*>(c1.y)};
 }
 
-template <int P, int KB, int VB>
+template <int P, int KB, int VB, int NT>
 __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) split_mma_kernel(KernelArgs a) {
   constexpr int S = MmaShape<P>::kSteps;
   constexpr int G = kMmaHeads;
-  using Shared = SplitMmaShared<P, KB, VB>;
+  using Shared = SplitMmaShared<P, KB, VB, NT>;
   using Tile = MmaTile<P, KB, VB>;
   static_assert(Tile::kStagedKeyNorms % 16 == 0 && Tile::kStagedValues % 16 == 0,
                 "bulk copies need 16-byte aligned destinations");
@@ -861,13 +907,13 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   unsigned* const pair_tables = reinterpret_cast<unsigned*>(region);
   auto shared_acc = reinterpret_cast<float (*)[G][P]>(region);  // after the tile loop only
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  uint4* query_fragments;  // the lane's fragment of step 0
+  unsigned char* fragments;  // the first query fragment (or hole)
   unsigned char *statistics, *barrier_bytes, *cursor_bytes;
   unsigned stage_offset;
   if constexpr (Shared::kCompact) {
     unsigned char* const holes = region + kValueOffset + kHoleBytes;  // hole k at holes + 256 k
     unsigned char* const outside = region + Shared::kRegionBytes;
-    query_fragments = reinterpret_cast<uint4*>(holes + kByteEntryBytes * (lane >> 3) + 16 * (lane & 7));
+    fragments = holes;
     barrier_bytes = Shared::kSlotMiscInHoles ? holes + kByteEntryBytes * Shared::kFragmentHoles : outside;
     cursor_bytes = Shared::kSlotMiscInHoles ? barrier_bytes + kByteEntryBytes : outside + Shared::kBarrierBytes;
     statistics = Shared::kStatisticsInRegion
@@ -877,7 +923,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   } else {
     const bool misc_in_padding = padding >= Shared::kMiscBytes;
     unsigned char* const misc = misc_in_padding ? shared_bytes : region + Shared::kRegionBytes;
-    query_fragments = reinterpret_cast<uint4*>(misc) + lane;
+    fragments = misc;
     statistics = misc + Shared::kFragmentBytes;
     barrier_bytes = misc + Shared::kBarrierOffset;
     cursor_bytes = misc + Shared::kCursorOffset;
@@ -932,10 +978,12 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   // below
   grid_dependency_wait();
 
-  // query fragments of head g (coordinates [r P / 4, (r + 1) P / 4)), scaled by 2^-e to |q| < 1: per k-step one
-  // A quad {hi(4s, 4s+1), lo(4s, 4s+1), hi(4s+2, 4s+3), lo(4s+2, 4s+3)} in shared memory (every warp of the block
-  // uses the same ones; one 16-byte read per step instead of P / 4 registers)
-  float query_scale = 1.0f;
+  // Query fragments. Lane (g, r) reads head g's coordinates [r P / 4, (r + 1) P / 4), scaled by 2^-e to |q| < 1.
+  // Head g is column 2 (g % 4) (fp16 values) and 2 (g % 4) + 1 (their fp16 remainders) of n-tile g / 4: per k-step
+  // the B registers {pair 2 s, pair 2 s + 1} of lanes (2 (g % 4), r) and (2 (g % 4) + 1, r), in shared memory (every
+  // warp of the block uses the same ones; one 8 NT-byte read per step instead of P / 4 registers).
+  const unsigned char* const query_fragments = fragments + fragment_offset<KB, VB, NT>(lane);
+  float query_scale[NT];
   {
     float q[P / 4];
     const float* row = a.q_rot + (static_cast<std::int64_t>(b) * a.q_heads + hq0 + (g < nh ? g : 0)) * P +
@@ -952,13 +1000,19 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     }
     largest = fmaxf(largest, __shfl_xor_sync(kFullMask, largest, 1));
     largest = fmaxf(largest, __shfl_xor_sync(kFullMask, largest, 2));
-    float shrink = 1.0f;
+    float scale = 1.0f, shrink = 1.0f;
     if (largest > 0.0f) {
       const int e = exponent_bound(largest);
-      query_scale = power_of_two(e);
+      scale = power_of_two(e);
       shrink = power_of_two(-e);
     }
-    if (warp == 0) {
+    // the lane's score heads 4 t + r take the scales of lanes 4 (4 t + r)
+#pragma unroll
+    for (int t = 0; t < NT; ++t) query_scale[t] = __shfl_sync(kFullMask, scale, 4 * (4 * t + r));
+    if (warp == 0 && g < 4 * NT) {
+      const int column_lane = 8 * (g & 3) + r;  // lane (2 (g % 4), r); its remainder column's lane is 4 further
+      unsigned char* const hi_fragment = fragments + fragment_offset<KB, VB, NT>(column_lane) + 8 * (g >> 2);
+      unsigned char* const lo_fragment = fragments + fragment_offset<KB, VB, NT>(column_lane + 4) + 8 * (g >> 2);
 #pragma unroll
       for (int step = 0; step < S; ++step) {
         unsigned hi[2], lo[2];
@@ -969,15 +1023,21 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
           hi[half] = pack_half2(__half2float(h0), __half2float(h1));
           lo[half] = pack_half2(x0 - __half2float(h0), x1 - __half2float(h1));
         }
-        query_fragments[step * kFragmentStride<KB, VB>] = make_uint4(hi[0], lo[0], hi[1], lo[1]);
+        const int offset = step * kFragmentStepBytes<KB, VB, NT>;
+        *reinterpret_cast<uint2*>(hi_fragment + offset) = make_uint2(hi[0], hi[1]);
+        *reinterpret_cast<uint2*>(lo_fragment + offset) = make_uint2(lo[0], lo[1]);
       }
     }
   }
   __syncthreads();
 
-  MmaState<P> st;
-  st.m_own = st.m_a = st.m_b = -INFINITY;
-  st.l_own = 0.0f;
+  MmaState<P, NT> st;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    st.m_own[t] = -INFINITY;
+    st.l_own[t] = 0.0f;
+  }
+  st.m_a = st.m_b = -INFINITY;
   st.value_exponent = kNoScale;
   st.inverse_value_scale = 0.0f;
 #pragma unroll
@@ -1018,10 +1078,10 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
         parity_bits ^= 1u << slot;
         staged = shared_bytes + (slot_address(slot) - shared_base);
         tile.load_staged_keys(staged, g, r);
-        mma_tile_step<P, KB, VB, true>(tile, staged, query_fragments, query_scale, key_table, value_table, lane, st);
+        mma_tile_step<P, KB, VB, NT, true>(tile, staged, query_fragments, query_scale, key_table, value_table, lane, st);
       } else {
         tile.load(a, b, h, base, end, g, r);
-        mma_tile_step<P, KB, VB, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane,
+        mma_tile_step<P, KB, VB, NT, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane,
                                         st);
       }
       // the slot's words are consumed (every lane's reads precede lane 0's next bulk copy into it)
@@ -1042,19 +1102,26 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     for (int base = begin + warp * kTileTokens; base < end; base += kStride) {
       MmaTile<P, KB, VB> tile;
       tile.load(a, b, h, base, end, g, r);
-      mma_tile_step<P, KB, VB, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane, st);
+      mma_tile_step<P, KB, VB, NT, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane, st);
     }
   }
 
   grid_dependents_launch();  // the combine launch may be scheduled (it waits for this grid's partials)
 
-  // head g's sum over the quad; the accumulator columns (heads 2r, 2r + 1) times 2^E
-  st.l_own += __shfl_xor_sync(kFullMask, st.l_own, 1);
-  st.l_own += __shfl_xor_sync(kFullMask, st.l_own, 2);
+  // head 4 t + r's sum over its column's 8 lanes; the accumulator columns (heads 2r, 2r + 1) times 2^E
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    st.l_own[t] += __shfl_xor_sync(kFullMask, st.l_own[t], 4);
+    st.l_own[t] += __shfl_xor_sync(kFullMask, st.l_own[t], 8);
+    st.l_own[t] += __shfl_xor_sync(kFullMask, st.l_own[t], 16);
+  }
   __syncthreads();  // shared_acc overwrites the pair tables: every warp is past its last tile
-  if (r == 0) {
-    shared_m[warp][g] = st.m_own;
-    shared_l[warp][g] = st.l_own;
+  if (g == 0) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      shared_m[warp][4 * t + r] = st.m_own[t];
+      shared_l[warp][4 * t + r] = st.l_own[t];
+    }
   }
   const float value_scale = st.value_exponent == kNoScale ? 0.0f : power_of_two(st.value_exponent);
 #pragma unroll
