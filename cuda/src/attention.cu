@@ -109,9 +109,9 @@ void launch_split(const attention::KernelArgs& a, dim3 grid, cudaStream_t stream
     attention::split_kernel<P, G, KB, VB><<<grid, attention::kSplitWarps * 32, 0, stream>>>(a);
     return;
   }
-  constexpr int NT = G <= 4 ? 1 : 2;  // score n-tiles: 4 query heads each
-  auto kernel = attention::split_mma_kernel<P, KB, VB, NT>;
-  constexpr int kShared = attention::SplitMmaShared<P, KB, VB, NT>::kBytes;
+  constexpr bool kTokenRows = G <= 4;  // the score product's layout (attention_mma.cuh)
+  auto kernel = attention::split_mma_kernel<P, KB, VB, kTokenRows>;
+  constexpr int kShared = attention::SplitMmaShared<P, KB, VB, kTokenRows>::kBytes;
   if constexpr (kShared > 48 * 1024) {  // raises the kernel's dynamic shared-memory limit, once per device
     static std::atomic<int> cache[kCachedDevices] = {};
     resident_blocks(kernel, attention::kSplitWarps * 32, kShared, 1, cache);

@@ -4,33 +4,32 @@
 // One block of kSplitWarps warps per (split, KV head x head chunk, sequence), as the SIMT split kernel; each warp
 // takes 16-token tiles in turn and runs both products on mma.sync m16n8k16 (fp16 operands, fp32 accumulation):
 //
-//   scores  S^T (16 tokens x 8) = K (16 tokens x 16 coordinates) x Q^T (16 coordinates x 8 columns), the columns
-//           holding the fp16 value and the fp16 remainder of 4 query heads (column 2 j: head j, 2 j + 1: its
-//           remainder); NT = 1 n-tile for chunks of up to 4 heads, 2 for 8 heads; P / 16 coordinate steps;
-//   values  O^T (16 x 8) += V^T (16 coordinates x 16 tokens) x P^T (16 tokens x 8 heads), P / 16 coordinate tiles.
+//   scores, chunks of up to 4 query heads ("token rows"):
+//           S^T (16 tokens x 8) = K (16 tokens x 16 coordinates) x Q^T (16 coordinates x 8 columns), column 2 j
+//           holding head j's fp16 query values, column 2 j + 1 their fp16 remainders;
+//   scores, chunks of 8 heads ("head rows"):
+//           S (16 x 8 tokens) = Q (16 x 16 coordinates: rows 0-7 the 8 heads' fp16 values, 8-15 their remainders)
+//           x K^T, two n-tiles (tokens 0-7 and 8-15 of the tile);
+//   values  O^T (16 x 8) += V^T (16 coordinates x 16 tokens) x P^T (16 tokens x 8 heads), P / 16 coordinate tiles;
+//   both over P / 16 coordinate steps.
 //
 // Lane (g, r) = (lane / 4, lane % 4). The reduction index of the score product may be any permutation of the
 // coordinates (the query fragments use the same one), so lane (g, r) takes the contiguous quarter
-// [r P / 4, (r + 1) P / 4) of the key codes of tokens g and g + 8 (its A rows): step s, k-slots 2r, 2r + 1 <->
-// coordinates r P / 4 + 4 s + 0, 1 and k-slots 2r + 8, 2r + 9 <-> r P / 4 + 4 s + 2, 3. Its key operand registers
-// are then pairs of adjacent coordinates, read as one field of the bit-plane words from a pair table (half2 entries
-// of two centroids). The score accumulator of lane (g, r) holds head 4 t + r (n-tile t) at tokens g and g + 8, its
-// value and remainder columns side by side (summed in fp32). Tokens in the m dimension fill all 16 rows of the
-// product with the 4 heads a chunk of GQA 4 has (the transposed product, Q x K^T with heads as rows, left half of its
-// rows padding and took two products per 16 tokens); the softmax weights then go to the value product's B operand
-// (lane (g, r): head g at tokens 2r, 2r + 1, 8 + 2r, 9 + 2r) by two shuffles and two byte permutes per tile.
-// The value product's output rows are coordinates, in any order too: lane g's rows are the contiguous slice
-// [g P / 8, (g + 1) P / 8), m-tile i row g <-> g P / 8 + 2 i, row g + 8 <-> g P / 8 + 2 i + 1; its A registers pair
-// two tokens at one coordinate, read from the same kind of pair table after the two tokens' plane words are
-// interleaved field by field (two masks and a shift per word). The pair tables have bank-private copies (see
-// PairCopies): lookups of data-dependent entries are then (nearly) free of bank conflicts. 3-bit fields, split over
-// two planes, are rearranged once per tile into one byte per pair (pair_bytes): a key lookup is then one byte permute
-// into a byte-addressed key table (ByteTable), a value lookup one shift and one mask-or, or at K3/V3 (CompactLayout)
-// one byte permute into a byte-addressed value table too.
-//
+// [r P / 4, (r + 1) P / 4) of the key codes of tokens g and 8 + g (token rows: its A rows g, g + 8; head rows: its
+// B column g in the two n-tiles): step s, k-slots 2r, 2r + 1 <-> coordinates r P / 4 + 4 s + 0, 1 and k-slots
+// 2r + 8, 2r + 9 <-> r P / 4 + 4 s + 2, 3. Its key operand registers are then pairs of adjacent coordinates, read as
+// one field of the bit-plane words from a pair table (half2 entries of two centroids).
+// - Token rows: the score accumulator of lane (g, r) holds head r at tokens g and 8 + g, its value and remainder
+//   columns side by side (summed in fp32). The 16 rows are all tokens, so a tile takes P / 8 score products for
+//   GQA 4 where head rows (half of them padding) take P / 4; the softmax weights go to the value product's B
+//   operand (lane (g, r): head g at tokens 2r, 2r + 1, 8 + 2r, 9 + 2r) by two shuffles and two byte permutes.
+// - Head rows: the score accumulator of lane (g, r) holds head g at tokens 2r, 2r + 1 (and 8 + 2r, 9 + 2r in the
+//   second n-tile): exactly the B operand of the value product, so the weights never leave the registers. For 8
+//   heads this beats token rows (two n-tiles of 4 heads: the same products, more shuffles; measured 5 % slower).
 // Numerics: queries are scaled per head by a power of two to |q| < 1 and split into an fp16 value and its fp16
-// remainder (two columns of the score product's B operand). Key centroids likewise: a second pair table holds their
-// fp16 remainders, read at the same address plus an offset, and a second product with the same B adds them, so the
+// remainder (token rows: two B columns; head rows: A rows 8-15, otherwise padding: the split costs no extra product).
+// Key centroids likewise: a second pair table holds their fp16 remainders, read at the same address plus an offset,
+// and a second product with the same query operand adds them, so the
 // scores carry ~22-bit operands; they are accumulated in fp32 and multiplied by the key norm and the power of two in
 // fp32. Value centroids and the softmax weights are fp16. Value norms are folded into the weights as p * n_t * 2^-E,
 // with 2^E a running power-of-two bound of the value norms seen (rescaled lazily like the softmax maximum), so the
@@ -198,18 +197,24 @@ struct CompactLayout {
   static constexpr bool value = ByteTable<KB>::value && ByteTable<VB>::value;
 };
 constexpr int kHoleBytes = 128, kHoles = 64;
-// The query fragments (the score product's B operand): per k-step and lane 8 NT bytes (NT n-tiles of two registers).
-// A step's 32 fragments lie side by side (32 x 8 NT bytes), or in the CompactLayout's holes 2 NT holes of 16 / NT
-// fragments each, 256 bytes apart. kFragmentStepBytes: the stride between the steps of one lane; fragment_offset:
-// lane l's fragment of step 0, from the first fragment (or hole).
-template <int KB, int VB, int NT>
-constexpr int kFragmentStepBytes = CompactLayout<KB, VB>::value ? 2 * NT * kByteEntryBytes : 32 * 8 * NT;
-template <int KB, int VB, int NT>
+// The query fragments (the score product's query operand) of a lane and k-step: token rows: B {pair 2 s, pair 2 s + 1}
+// of one column (8 bytes); head rows: A {hi(pair 2 s), lo(pair 2 s), hi(pair 2 s + 1), lo(pair 2 s + 1)} (16 bytes).
+// A step's 32 fragments lie side by side, or in the CompactLayout's holes (128 / kFragmentLaneBytes per hole, holes
+// 256 bytes apart). kFragmentStepBytes: the stride between the steps of one lane; fragment_offset: lane l's fragment
+// of step 0, from the first fragment (or hole).
+template <bool TokenRows>
+constexpr int kFragmentLaneBytes = TokenRows ? 8 : 16;
+template <int KB, int VB, bool TokenRows>
+constexpr int kFragmentStepBytes = CompactLayout<KB, VB>::value
+                                       ? 32 * kFragmentLaneBytes<TokenRows> / kHoleBytes * kByteEntryBytes
+                                       : 32 * kFragmentLaneBytes<TokenRows>;
+template <int KB, int VB, bool TokenRows>
 __device__ __forceinline__ int fragment_offset(int lane) {
+  constexpr int F = kFragmentLaneBytes<TokenRows>;
   if constexpr (CompactLayout<KB, VB>::value) {
-    return kByteEntryBytes * (lane / (16 / NT)) + 8 * NT * (lane % (16 / NT));
+    return kByteEntryBytes * (lane / (kHoleBytes / F)) + F * (lane % (kHoleBytes / F));
   } else {
-    return 8 * NT * lane;
+    return F * lane;
   }
 }
 
@@ -391,19 +396,32 @@ struct MmaShape {
   static constexpr int kMinBlocks = P <= 128 ? 5 : 2;  // H100, B = 32: 5 blocks 4-12% faster than 4
 };
 
-// One warp tile's loads: key slices and norms of tokens g and 8 + g, value slices of tokens 2r, 2r + 1, 8 + 2r, 9 + 2r.
+// A tile's bytes: index bytes per row, and a staged tile's layout in its slot: the 16 key rows, the 16 value rows,
+// 16 fp16 key norms, 16 fp16 value norms.
 template <int P, int KB, int VB>
-struct MmaTile {
-  CodeSlice<KB, P, MmaShape<P>::kKeyCoords> key[2];
-  CodeSlice<VB, P, MmaShape<P>::kValueCoords> value[4];
-  float key_norm[2], value_norm[2];  // tokens g, 8 + g; value_norm 0 and key_norm -inf for invalid tokens
-
+struct TileBytes {
   static constexpr int kKeyBytes = P * KB / 8, kValueBytes = P * VB / 8;  // index bytes (padded_dim == dim, mse)
-  // A staged tile (TileStage): the 16 key rows, the 16 value rows, 16 fp16 key norms, 16 fp16 value norms.
   static constexpr int kStagedKeys = 0, kStagedValues = kTileTokens * kKeyBytes;
   static constexpr int kStagedKeyNorms = kStagedValues + kTileTokens * kValueBytes;
   static constexpr int kStagedValueNorms = kStagedKeyNorms + 2 * kTileTokens;
   static constexpr int kStagedBytes = kStagedValueNorms + 2 * kTileTokens;
+};
+
+// One warp tile's loads: key slices of tokens g and 8 + g, value slices of tokens 2r, 2r + 1, 8 + 2r, 9 + 2r, and the
+// norms of the tokens whose scores the lane holds: token rows: g and 8 + g; head rows: 2r, 2r + 1, 8 + 2r, 9 + 2r.
+template <int P, int KB, int VB, bool TokenRows>
+struct MmaTile : TileBytes<P, KB, VB> {
+  using Bytes = TileBytes<P, KB, VB>;
+  using Bytes::kKeyBytes, Bytes::kValueBytes, Bytes::kStagedValues, Bytes::kStagedKeyNorms, Bytes::kStagedValueNorms;
+  static constexpr int kNorms = TokenRows ? 2 : 4;
+  CodeSlice<KB, P, MmaShape<P>::kKeyCoords> key[2];
+  CodeSlice<VB, P, MmaShape<P>::kValueCoords> value[4];
+  float key_norm[kNorms], value_norm[kNorms];  // value_norm 0 and key_norm -inf for invalid tokens
+
+  // Norm n of the lane (see above) is token norm_token(n, g, r) of the tile.
+  __device__ __forceinline__ static int norm_token(int n, int g, int r) {
+    return TokenRows ? g + 8 * n : 2 * r + (n & 1) + 8 * (n >> 1);
+  }
 
   // A staged tile's key words (before the score product), then the rest (load_staged_rest: after it, so that the
   // value words and norms take no registers while the key lookups are in flight).
@@ -417,12 +435,24 @@ struct MmaTile {
     for (int u = 0; u < 4; ++u) {
       value[u].load_shared(stage + kStagedValues + rows[u] * kValueBytes, g * MmaShape<P>::kValueCoords);
     }
-    const __half* kn = reinterpret_cast<const __half*>(stage + kStagedKeyNorms);
-    const __half* vn = reinterpret_cast<const __half*>(stage + kStagedValueNorms);
+    if constexpr (TokenRows) {
+      const __half* kn = reinterpret_cast<const __half*>(stage + kStagedKeyNorms);
+      const __half* vn = reinterpret_cast<const __half*>(stage + kStagedValueNorms);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      key_norm[half] = __half2float(kn[g + 8 * half]);
-      value_norm[half] = __half2float(vn[g + 8 * half]);
+      for (int n = 0; n < kNorms; ++n) {
+        key_norm[n] = __half2float(kn[norm_token(n, g, r)]);
+        value_norm[n] = __half2float(vn[norm_token(n, g, r)]);
+      }
+    } else {  // tokens 2r, 2r + 1 (and 8 + 2r, 9 + 2r) are adjacent: one 4-byte load per pair
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float2 k2 = __half22float2(reinterpret_cast<const __half2*>(stage + kStagedKeyNorms)[r + 4 * half]);
+        const float2 v2 = __half22float2(reinterpret_cast<const __half2*>(stage + kStagedValueNorms)[r + 4 * half]);
+        key_norm[2 * half] = k2.x;
+        key_norm[2 * half + 1] = k2.y;
+        value_norm[2 * half] = v2.x;
+        value_norm[2 * half + 1] = v2.y;
+      }
     }
   }
 
@@ -431,29 +461,51 @@ struct MmaTile {
     // starts at a multiple of 16): one row computation, unpredicated loads. Otherwise token by token.
     if (base + kTileTokens <= end && !a.code_mask && (!a.block_table || a.block_shift >= 4)) {
       const std::int64_t row0 = code_row(a, b, h, base);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const std::int64_t row = row0 + 8 * half + g;
-        key[half].load(a.key_indices + row * kKeyBytes, r * MmaShape<P>::kKeyCoords, true);
-        key_norm[half] = load_norm(a.key_norms, row, a.norm_bytes);
-        value_norm[half] = load_norm(a.value_norms, row, a.norm_bytes);
-      }
+      key[0].load(a.key_indices + (row0 + g) * kKeyBytes, r * MmaShape<P>::kKeyCoords, true);
+      key[1].load(a.key_indices + (row0 + 8 + g) * kKeyBytes, r * MmaShape<P>::kKeyCoords, true);
       const std::int64_t rows[4] = {row0 + 2 * r, row0 + 2 * r + 1, row0 + 8 + 2 * r, row0 + 9 + 2 * r};
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         value[u].load(a.value_indices + rows[u] * kValueBytes, g * MmaShape<P>::kValueCoords, true);
       }
+      if constexpr (!TokenRows) {
+        // tokens 2r, 2r + 1 (and 8 + 2r, 9 + 2r) are adjacent: one 4-byte load per pair when aligned
+        const __half* kn = reinterpret_cast<const __half*>(a.key_norms) + rows[0];
+        const __half* vn = reinterpret_cast<const __half*>(a.value_norms) + rows[0];
+        const std::uintptr_t bits = reinterpret_cast<std::uintptr_t>(kn) | reinterpret_cast<std::uintptr_t>(vn);
+        if (a.norm_bytes == 2 && (bits & 3u) == 0) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const float2 k2 = __half22float2(__ldg(reinterpret_cast<const __half2*>(kn + 8 * half)));
+            const float2 v2 = __half22float2(__ldg(reinterpret_cast<const __half2*>(vn + 8 * half)));
+            key_norm[2 * half] = k2.x;
+            key_norm[2 * half + 1] = k2.y;
+            value_norm[2 * half] = v2.x;
+            value_norm[2 * half + 1] = v2.y;
+          }
+          return;
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kNorms; ++n) {
+        const std::int64_t row = row0 + norm_token(n, g, r);
+        key_norm[n] = load_norm(a.key_norms, row, a.norm_bytes);
+        value_norm[n] = load_norm(a.value_norms, row, a.norm_bytes);
+      }
       return;
     }
+    // the norms with the key rows (token rows) or the value rows (head rows) of their tokens
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int t = base + 8 * half + g;
       const bool in_range = t < end;
-      const bool valid = in_range && (!a.code_mask || __ldg(a.code_mask + b * a.code_mask_stride + t) != 0);
       const std::int64_t row = in_range ? code_row(a, b, h, t) : 0;
       key[half].load(a.key_indices + row * kKeyBytes, r * MmaShape<P>::kKeyCoords, in_range);
-      key_norm[half] = valid ? load_norm(a.key_norms, row, a.norm_bytes) : -INFINITY;
-      value_norm[half] = valid ? load_norm(a.value_norms, row, a.norm_bytes) : 0.0f;
+      if constexpr (TokenRows) {
+        const bool valid = in_range && (!a.code_mask || __ldg(a.code_mask + b * a.code_mask_stride + t) != 0);
+        key_norm[half] = valid ? load_norm(a.key_norms, row, a.norm_bytes) : -INFINITY;
+        value_norm[half] = valid ? load_norm(a.value_norms, row, a.norm_bytes) : 0.0f;
+      }
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -462,16 +514,20 @@ struct MmaTile {
       if (valid && a.code_mask) valid = __ldg(a.code_mask + b * a.code_mask_stride + t) != 0;
       const std::int64_t row = valid ? code_row(a, b, h, t) : 0;
       value[u].load(a.value_indices + row * kValueBytes, g * MmaShape<P>::kValueCoords, valid);
+      if constexpr (!TokenRows) {
+        key_norm[u] = valid ? load_norm(a.key_norms, row, a.norm_bytes) : -INFINITY;
+        value_norm[u] = valid ? load_norm(a.value_norms, row, a.norm_bytes) : 0.0f;
+      }
     }
   }
 };
 
-// Running state of one warp: softmax maximum of the lane's own heads 4 t + r (m_own, with its partial sum l_own) and
-// of the accumulator's heads 2r, 2r + 1 (m_a, m_b: copies of other lanes' m_own, updated identically), the
-// value-norm exponent E and the accumulator O^T (coordinate rows, head columns).
-template <int P, int NT>
+// Running state of one warp: softmax maximum of the lane's own head (token rows: head r; head rows: head g; m_own,
+// with its partial sum l_own) and of the accumulator's heads 2r, 2r + 1 (m_a, m_b: copies of other lanes' m_own,
+// updated identically), the value-norm exponent E and the accumulator O^T (coordinate rows, head columns).
+template <int P>
 struct MmaState {
-  float m_own[NT], l_own[NT], m_a, m_b;
+  float m_own, m_a, m_b, l_own;
   int value_exponent;
   float inverse_value_scale;
   float acc[MmaShape<P>::kSteps][4];
@@ -578,93 +634,82 @@ struct ValueLookup<P, VB, true, ByteAddressed> {
   }
 };
 
-// The lane's query fragments of one k-step: b[t] = the B registers of n-tile t.
-template <int NT>
-__device__ __forceinline__ void load_fragments(const unsigned char* fragment, unsigned (&b)[NT][2]) {
-  if constexpr (NT == 1) {
-    const uint2 v = *reinterpret_cast<const uint2*>(fragment);
-    b[0][0] = v.x;
-    b[0][1] = v.y;
-  } else {
-    const uint4 v = *reinterpret_cast<const uint4*>(fragment);
-    b[0][0] = v.x;
-    b[0][1] = v.y;
-    b[1][0] = v.z;
-    b[1][1] = v.w;
-  }
-}
-
-template <int P, int KB, int VB, int NT, bool Staged>
-__device__ __forceinline__ void mma_tile_step(MmaTile<P, KB, VB>& tile, const std::uint8_t* staged,
-                                              const unsigned char* query_fragments, const float (&query_scale)[NT],
-                                              unsigned key_table, unsigned value_table, int lane,
-                                              MmaState<P, NT>& st) {
+// The scores of a tile and its softmax bookkeeping up to the weights: the value product's B operand p01 (head g at
+// tokens 2r, 2r + 1) and p23 (8 + 2r, 9 + 2r) as half2, weights p n_v 2^-E. Token rows: lane (g, r) scores head r.
+template <int P, int KB, int VB, bool TokenRows, bool Staged>
+__device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, const std::uint8_t* staged,
+                                           const unsigned char* query_fragments, float query_scale,
+                                           unsigned key_table, int lane, MmaState<P>& st, unsigned& p01,
+                                           unsigned& p23) {
   constexpr int S = MmaShape<P>::kSteps;
+  constexpr int N = MmaTile<P, KB, VB, TokenRows>::kNorms;  // scores per lane
   const int g = lane >> 2, r = lane & 3;
-  // S^T of n-tile t: c0, c1 = token g, head 4 t + r's value and remainder columns; c2, c3 = token 8 + g. The centroid
-  // and remainder products accumulate in separate registers (two dependency chains per n-tile instead of one).
-  float s0[NT][4], s1[NT][4];
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) s0[t][i] = s1[t][i] = 0.0f;
-  }
   const KeyLookup<P, KB> keys(tile.key, key_table, lane);
+  float sc[N];
+  if constexpr (TokenRows) {
+    // c0, c1 = token g, head r's value and remainder columns; c2, c3 = token 8 + g. The centroid and remainder
+    // products accumulate in separate registers (two dependency chains instead of one).
+    float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-  for (int s = 0; s < S; ++s) {
-    // A rows g, 8 + g: tokens g and 8 + g, pairs 2 s (k-slots 2r, 2r + 1) and 2 s + 1 (2r + 8, 2r + 9)
-    const unsigned e00 = keys.address(0, 2 * s), e01 = keys.address(0, 2 * s + 1);
-    const unsigned e10 = keys.address(1, 2 * s), e11 = keys.address(1, 2 * s + 1);
-    unsigned b[NT][2];
-    load_fragments<NT>(query_fragments + s * kFragmentStepBytes<KB, VB, NT>, b);
-    const unsigned k00 = shared_word(e00), k10 = shared_word(e10), k01 = shared_word(e01), k11 = shared_word(e11);
-#pragma unroll
-    for (int t = 0; t < NT; ++t) mma_16816(s0[t], k00, k10, k01, k11, b[t][0], b[t][1]);
-    const unsigned l00 = keys.remainder(e00), l10 = keys.remainder(e10);
-    const unsigned l01 = keys.remainder(e01), l11 = keys.remainder(e11);
-#pragma unroll
-    for (int t = 0; t < NT; ++t) mma_16816(s1[t], l00, l10, l01, l11, b[t][0], b[t][1]);
-  }
-  if constexpr (Staged) tile.load_staged_rest(staged, lane >> 2, r);  // value words and both norms
-  // scores of head 4 t + r at tokens g (sc[t][0]) and 8 + g (sc[t][1]); the tile maximum of each over the 8 lanes
-  // of its column
-  float sc[NT][2], tile_max[NT];
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float dot = (s0[t][2 * half] + s0[t][2 * half + 1]) + (s1[t][2 * half] + s1[t][2 * half + 1]);
-      sc[t][half] = tile.key_norm[half] == -INFINITY ? -INFINITY : dot * (tile.key_norm[half] * query_scale[t]);
+    for (int s = 0; s < S; ++s) {
+      // A rows g, 8 + g: tokens g and 8 + g at pairs 2 s (k-slots 2r, 2r + 1) and 2 s + 1 (2r + 8, 2r + 9)
+      const unsigned e00 = keys.address(0, 2 * s), e01 = keys.address(0, 2 * s + 1);
+      const unsigned e10 = keys.address(1, 2 * s), e11 = keys.address(1, 2 * s + 1);
+      const uint2 q = *reinterpret_cast<const uint2*>(query_fragments + s * kFragmentStepBytes<KB, VB, true>);
+      mma_16816(s0, shared_word(e00), shared_word(e10), shared_word(e01), shared_word(e11), q.x, q.y);
+      mma_16816(s1, keys.remainder(e00), keys.remainder(e10), keys.remainder(e01), keys.remainder(e11), q.x, q.y);
     }
-    float m = fmaxf(sc[t][0], sc[t][1]);
-    m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 4));
-    m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 8));
-    tile_max[t] = fmaxf(m, __shfl_xor_sync(kFullMask, m, 16));
-  }
-  // the accumulator heads 2r, 2r + 1: n-tile r / 2, column lanes (2r) % 4 and (2r + 1) % 4 (NT = 1: heads 4-7 are
-  // padding; lanes r = 2, 3 take heads 0, 1's maxima for their padding columns)
-  const int lane_a = 4 * g + ((2 * r) & 3);
-  float max_a = __shfl_sync(kFullMask, tile_max[0], lane_a);
-  float max_b = __shfl_sync(kFullMask, tile_max[0], lane_a + 1);
-  if constexpr (NT == 2) {
-    const float max_a1 = __shfl_sync(kFullMask, tile_max[1], lane_a);
-    const float max_b1 = __shfl_sync(kFullMask, tile_max[1], lane_a + 1);
-    if (r >= 2) {
-      max_a = max_a1;
-      max_b = max_b1;
+    if constexpr (Staged) tile.load_staged_rest(staged, g, r);  // value words and both norms
+#pragma unroll
+    for (int n = 0; n < 2; ++n) sc[n] = (s0[2 * n] + s0[2 * n + 1]) + (s1[2 * n] + s1[2 * n + 1]);
+  } else {
+    // head g at tokens 2r, 2r + 1 (n-tile 0) and 8 + 2r, 9 + 2r (n-tile 1)
+    float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float t0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, t1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const unsigned e00 = keys.address(0, 2 * s), e01 = keys.address(0, 2 * s + 1);
+      const unsigned e10 = keys.address(1, 2 * s), e11 = keys.address(1, 2 * s + 1);
+      // A rows 0-7: the queries' fp16 values, rows 8-15: their fp16 remainders; B: the keys' fp16 centroids, then
+      // their remainders (same A registers). C rows 0-7 + rows 8-15 = (q_hi + q_lo)(k_hi + k_lo) = q k to fp32.
+      const uint4 q = *reinterpret_cast<const uint4*>(query_fragments + s * kFragmentStepBytes<KB, VB, false>);
+      mma_16816(s0, q.x, q.y, q.z, q.w, shared_word(e00), shared_word(e01));
+      mma_16816(s1, q.x, q.y, q.z, q.w, shared_word(e10), shared_word(e11));
+      mma_16816(t0, q.x, q.y, q.z, q.w, keys.remainder(e00), keys.remainder(e01));
+      mma_16816(t1, q.x, q.y, q.z, q.w, keys.remainder(e10), keys.remainder(e11));
     }
+    if constexpr (Staged) tile.load_staged_rest(staged, g, r);
+    sc[0] = (s0[0] + s0[2]) + (t0[0] + t0[2]);
+    sc[1] = (s0[1] + s0[3]) + (t0[1] + t0[3]);
+    sc[2] = (s1[0] + s1[2]) + (t1[0] + t1[2]);
+    sc[3] = (s1[1] + s1[3]) + (t1[1] + t1[3]);
   }
-  float value_max = fmaxf(tile.value_norm[0], tile.value_norm[1]);
-  value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, 4));
-  value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, 8));
-  value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, 16));  // warp-uniform: the tile's 16 tokens
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    sc[n] = tile.key_norm[n] == -INFINITY ? -INFINITY : sc[n] * (tile.key_norm[n] * query_scale);
+  }
 
+  // the tile maximum of the lane's own head over its 16 tokens (token rows: the 8 lanes of column r; head rows: the
+  // quad), and of the accumulator heads 2r, 2r + 1 from their lanes (token rows: heads 4-7 are padding, lanes
+  // r = 2, 3 take heads 0 and 1's maxima for their padding columns), and of the value norms
+  const float* const vn = tile.value_norm;
+  float tile_max = fmaxf(sc[0], sc[1]), value_max = fmaxf(vn[0], vn[1]);
+  if constexpr (N == 4) {
+    tile_max = fmaxf(tile_max, fmaxf(sc[N - 2], sc[N - 1]));
+    value_max = fmaxf(value_max, fmaxf(vn[N - 2], vn[N - 1]));
+  }
+  constexpr int kFirst = TokenRows ? 4 : 1, kEnd = TokenRows ? 32 : 4;  // xor distances of the own head's lanes
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    if (tile_max[t] > st.m_own[t] + kRescaleThreshold) {
-      st.l_own[t] *= fast_exp2(st.m_own[t] - tile_max[t]);  // 0 while m_own is -inf
-      st.m_own[t] = tile_max[t];
-    }
+  for (int x = kFirst; x < kEnd; x *= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, x));
+  const int lane_a = TokenRows ? 4 * g + ((2 * r) & 3) : 8 * r, lane_b = lane_a + (TokenRows ? 1 : 4);
+  const float max_a = __shfl_sync(kFullMask, tile_max, lane_a), max_b = __shfl_sync(kFullMask, tile_max, lane_b);
+#pragma unroll
+  for (int x = kFirst; x < kEnd; x *= 2) value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, x));
+  // value_max is warp-uniform: the tile's 16 tokens
+
+  if (tile_max > st.m_own + kRescaleThreshold) {
+    st.l_own *= fast_exp2(st.m_own - tile_max);  // 0 while m_own is -inf
+    st.m_own = tile_max;
   }
   float correction_a = 1.0f, correction_b = 1.0f;
   if (max_a > st.m_a + kRescaleThreshold) {
@@ -694,31 +739,35 @@ __device__ __forceinline__ void mma_tile_step(MmaTile<P, KB, VB>& tile, const st
       st.acc[i][3] *= correction_b;
     }
   }
-  // weights p n_v 2^-E of head 4 t + r at tokens g, 8 + g as one half2 per n-tile, then the value product's B operand
-  // (head g at tokens 2r, 2r + 1 | 8 + 2r, 9 + 2r) from the lanes of column g % 4 in rows 2r and 2r + 1
-  unsigned packed[NT];
+  float w[N];
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    float w[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float p = st.m_own[t] == -INFINITY ? 0.0f : fast_exp2(sc[t][half] - st.m_own[t]);
-      st.l_own[t] += p;
-      w[half] = p * (tile.value_norm[half] * st.inverse_value_scale);
-    }
-    packed[t] = pack_half2(w[0], w[1]);
+  for (int n = 0; n < N; ++n) {
+    const float p = st.m_own == -INFINITY ? 0.0f : fast_exp2(sc[n] - st.m_own);
+    st.l_own += p;
+    w[n] = p * (tile.value_norm[n] * st.inverse_value_scale);
   }
-  const int lane_p = 8 * r + (g & 3);
-  unsigned x = __shfl_sync(kFullMask, packed[0], lane_p), y = __shfl_sync(kFullMask, packed[0], lane_p + 4);
-  if constexpr (NT == 2) {
-    const unsigned x1 = __shfl_sync(kFullMask, packed[1], lane_p), y1 = __shfl_sync(kFullMask, packed[1], lane_p + 4);
-    if (g >= 4) {
-      x = x1;
-      y = y1;
-    }
+  if constexpr (TokenRows) {
+    // head r at tokens g, 8 + g as one half2; lane (g, r) takes head g % 4's from lanes (2r, g % 4) (tokens 2r,
+    // 8 + 2r) and (2r + 1, g % 4) (tokens 2r + 1, 9 + 2r); columns g >= 4 are padding
+    const unsigned packed = pack_half2(w[0], w[1]);
+    const int source = 8 * r + (g & 3);
+    const unsigned x = __shfl_sync(kFullMask, packed, source), y = __shfl_sync(kFullMask, packed, source + 4);
+    p01 = __byte_perm(x, y, 0x5410);
+    p23 = __byte_perm(x, y, 0x7632);
+  } else {
+    p01 = pack_half2(w[0], w[1]);
+    p23 = pack_half2(w[2], w[3]);
   }
-  const unsigned p01 = __byte_perm(x, y, 0x5410), p23 = __byte_perm(x, y, 0x7632);
+}
 
+template <int P, int KB, int VB, bool TokenRows, bool Staged>
+__device__ __forceinline__ void mma_tile_step(MmaTile<P, KB, VB, TokenRows>& tile, const std::uint8_t* staged,
+                                              const unsigned char* query_fragments, float query_scale,
+                                              unsigned key_table, unsigned value_table, int lane, MmaState<P>& st) {
+  constexpr int S = MmaShape<P>::kSteps;
+  unsigned p01, p23;
+  mma_scores<P, KB, VB, TokenRows, Staged>(tile, staged, query_fragments, query_scale, key_table, lane, st, p01,
+                                           p23);
   // value product: A = V^T (rows: this lane's coordinates 2i, 2i + 1 of its slice; k: the tokens)
   const ValueLookup<P, VB, Planes<VB>::kSecond, CompactLayout<KB, VB>::value> values(tile.value, value_table, lane);
 #pragma unroll
@@ -783,13 +832,13 @@ __device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity) 
 // at 16 (f % 8)), then the slot mbarriers (one hole) and staging cursors (the next) when holes are left, the block
 // merge's accumulators over the key table and its statistics behind them (both after the tile loop), anything that
 // does not fit there ("outside": d = 256) after the tables, then the slots: 32 + 12.5 KB at d = 128, 5 blocks per SM.
-template <int P, int KB, int VB, int NT>
+template <int P, int KB, int VB, bool TokenRows>
 struct SplitMmaShared {
   static constexpr bool kCompact = CompactLayout<KB, VB>::value;
   static constexpr int kAccumulatorBytes = kSplitWarps * kMmaHeads * P * 4;
   static constexpr int kTables = kCompact ? 2 * 64 * kByteEntryBytes : kTableBytes;
   static constexpr int kRegionBytes = kAccumulatorBytes > kTables ? kAccumulatorBytes : kTables;
-  static constexpr int kFragmentBytes = MmaShape<P>::kSteps * 32 * 8 * NT;
+  static constexpr int kFragmentBytes = MmaShape<P>::kSteps * 32 * kFragmentLaneBytes<TokenRows>;
   static constexpr int kStatisticsBytes = 2 * kSplitWarps * kMmaHeads * 4;
   static constexpr int kBarrierBytes = 2 * kSplitWarps * 8, kCursorBytes = kSplitWarps * 32;
   // OR-addressed layout: misc
@@ -805,7 +854,7 @@ struct SplitMmaShared {
   static_assert(!kCompact || (kFragmentHoles <= kHoles && kBarrierBytes <= kHoleBytes && kCursorBytes <= kHoleBytes),
                 "the query fragments, mbarriers and cursors fit the holes");
 
-  static constexpr int kSlotBytes = (MmaTile<P, KB, VB>::kStagedBytes + 15) / 16 * 16;
+  static constexpr int kSlotBytes = (TileBytes<P, KB, VB>::kStagedBytes + 15) / 16 * 16;
   static constexpr int kExpectedPadding = kCompact ? 0 : kTableSlot - 1024;
   // OR-addressed layout: when all the slots after the tables do not fit the budget but the last one fits the padding
   // behind misc (d = 128: K4/V3, K3/V4), that slot (warp kSplitWarps - 1's second) goes there.
@@ -831,7 +880,7 @@ struct SplitMmaShared {
 // first tile's alignment is every tile's.
 template <int P, int KB, int VB>
 __device__ __forceinline__ bool tiles_stageable(const KernelArgs& a, int b, int h, int first) {
-  using Tile = MmaTile<P, KB, VB>;
+  using Tile = TileBytes<P, KB, VB>;
   if (a.code_mask || (a.block_table && a.block_shift < 4) || a.norm_bytes != 2) return false;
   const std::int64_t row0 = a.block_table ? 0 : code_row(a, b, h, first);
   const std::uintptr_t alignment = reinterpret_cast<std::uintptr_t>(a.key_indices + row0 * Tile::kKeyBytes) |
@@ -851,7 +900,7 @@ struct TileSources {
 
 template <int P, int KB, int VB>
 __device__ __forceinline__ TileSources tile_sources(const KernelArgs& a, int b, int h, int base) {
-  using Tile = MmaTile<P, KB, VB>;
+  using Tile = TileBytes<P, KB, VB>;
   const std::int64_t row0 = code_row(a, b, h, base);
   return {a.key_indices + row0 * Tile::kKeyBytes, a.value_indices + row0 * Tile::kValueBytes, a.key_norms + row0 * 2,
           a.value_norms + row0 * 2};
@@ -860,7 +909,7 @@ __device__ __forceinline__ TileSources tile_sources(const KernelArgs& a, int b, 
 // Lane 0 issues the bulk copies of the tile at `sources` into the slot at shared address `slot`.
 template <int P, int KB, int VB>
 __device__ __forceinline__ void stage_tile(const TileSources& sources, unsigned slot, unsigned barrier) {
-  using Tile = MmaTile<P, KB, VB>;
+  using Tile = TileBytes<P, KB, VB>;
   static_assert(Tile::kStagedKeys == 0 && Tile::kStagedValueNorms == Tile::kStagedKeyNorms + 2 * kTileTokens,
                 "bulk_copy_tile's slot layout");
   bulk_copy_tile<kTileTokens * Tile::kKeyBytes, kTileTokens * Tile::kValueBytes, Tile::kStagedValues,
@@ -881,7 +930,7 @@ __device__ __forceinline__ void set_cursor(unsigned long long* cursor, const Til
 
 template <int P, int KB, int VB>
 __device__ __forceinline__ TileSources advance_cursor(unsigned long long* cursor) {
-  using Tile = MmaTile<P, KB, VB>;
+  using Tile = TileBytes<P, KB, VB>;
   constexpr int kRows = kSplitWarps * kTileTokens;
   ulonglong2* const c = reinterpret_cast<ulonglong2*>(cursor);
   const ulonglong2 c0 = c[0], c1 = c[1];
@@ -891,12 +940,12 @@ __device__ __forceinline__ TileSources advance_cursor(unsigned long long* cursor
           reinterpret_cast<const std::uint8_t*>(c1.x), reinterpret_cast<const std::uint8_t*>(c1.y)};
 }
 
-template <int P, int KB, int VB, int NT>
+template <int P, int KB, int VB, bool TokenRows>
 __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) split_mma_kernel(KernelArgs a) {
   constexpr int S = MmaShape<P>::kSteps;
   constexpr int G = kMmaHeads;
-  using Shared = SplitMmaShared<P, KB, VB, NT>;
-  using Tile = MmaTile<P, KB, VB>;
+  using Shared = SplitMmaShared<P, KB, VB, TokenRows>;
+  using Tile = MmaTile<P, KB, VB, TokenRows>;
   static_assert(Tile::kStagedKeyNorms % 16 == 0 && Tile::kStagedValues % 16 == 0,
                 "bulk copies need 16-byte aligned destinations");
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -978,12 +1027,13 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   // below
   grid_dependency_wait();
 
-  // Query fragments. Lane (g, r) reads head g's coordinates [r P / 4, (r + 1) P / 4), scaled by 2^-e to |q| < 1.
-  // Head g is column 2 (g % 4) (fp16 values) and 2 (g % 4) + 1 (their fp16 remainders) of n-tile g / 4: per k-step
-  // the B registers {pair 2 s, pair 2 s + 1} of lanes (2 (g % 4), r) and (2 (g % 4) + 1, r), in shared memory (every
-  // warp of the block uses the same ones; one 8 NT-byte read per step instead of P / 4 registers).
-  const unsigned char* const query_fragments = fragments + fragment_offset<KB, VB, NT>(lane);
-  float query_scale[NT];
+  // Query fragments. Lane (g, r) reads head g's coordinates [r P / 4, (r + 1) P / 4), scaled by 2^-e to |q| < 1, and
+  // warp 0 writes them to shared memory (every warp of the block uses the same ones; one 8- or 16-byte read per step
+  // instead of P / 4 registers): token rows: head g is B column 2 g (fp16 values) and 2 g + 1 (their fp16
+  // remainders), per k-step {pair 2 s, pair 2 s + 1} of lanes (2 g, r) and (2 g + 1, r); head rows: per k-step the
+  // lane's own A quad {hi(pair 2 s), lo(pair 2 s), hi(pair 2 s + 1), lo(pair 2 s + 1)}.
+  const unsigned char* const query_fragments = fragments + fragment_offset<KB, VB, TokenRows>(lane);
+  float query_scale = 1.0f;  // of the lane's own head (token rows: head r, head rows: head g)
   {
     float q[P / 4];
     const float* row = a.q_rot + (static_cast<std::int64_t>(b) * a.q_heads + hq0 + (g < nh ? g : 0)) * P +
@@ -1000,19 +1050,17 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     }
     largest = fmaxf(largest, __shfl_xor_sync(kFullMask, largest, 1));
     largest = fmaxf(largest, __shfl_xor_sync(kFullMask, largest, 2));
-    float scale = 1.0f, shrink = 1.0f;
+    float shrink = 1.0f;
     if (largest > 0.0f) {
       const int e = exponent_bound(largest);
-      scale = power_of_two(e);
+      query_scale = power_of_two(e);
       shrink = power_of_two(-e);
     }
-    // the lane's score heads 4 t + r take the scales of lanes 4 (4 t + r)
-#pragma unroll
-    for (int t = 0; t < NT; ++t) query_scale[t] = __shfl_sync(kFullMask, scale, 4 * (4 * t + r));
-    if (warp == 0 && g < 4 * NT) {
-      const int column_lane = 8 * (g & 3) + r;  // lane (2 (g % 4), r); its remainder column's lane is 4 further
-      unsigned char* const hi_fragment = fragments + fragment_offset<KB, VB, NT>(column_lane) + 8 * (g >> 2);
-      unsigned char* const lo_fragment = fragments + fragment_offset<KB, VB, NT>(column_lane + 4) + 8 * (g >> 2);
+    if constexpr (TokenRows) query_scale = __shfl_sync(kFullMask, query_scale, 4 * r);  // head r's, from lane (r, 0)
+    if (warp == 0 && (!TokenRows || g < 4)) {
+      unsigned char* const hi_fragment =
+          fragments + fragment_offset<KB, VB, TokenRows>(TokenRows ? 8 * g + r : lane);  // lane (2 g, r) or own
+      unsigned char* const lo_fragment = fragments + fragment_offset<KB, VB, TokenRows>(8 * g + r + 4);
 #pragma unroll
       for (int step = 0; step < S; ++step) {
         unsigned hi[2], lo[2];
@@ -1023,21 +1071,21 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
           hi[half] = pack_half2(__half2float(h0), __half2float(h1));
           lo[half] = pack_half2(x0 - __half2float(h0), x1 - __half2float(h1));
         }
-        const int offset = step * kFragmentStepBytes<KB, VB, NT>;
-        *reinterpret_cast<uint2*>(hi_fragment + offset) = make_uint2(hi[0], hi[1]);
-        *reinterpret_cast<uint2*>(lo_fragment + offset) = make_uint2(lo[0], lo[1]);
+        const int offset = step * kFragmentStepBytes<KB, VB, TokenRows>;
+        if constexpr (TokenRows) {
+          *reinterpret_cast<uint2*>(hi_fragment + offset) = make_uint2(hi[0], hi[1]);
+          *reinterpret_cast<uint2*>(lo_fragment + offset) = make_uint2(lo[0], lo[1]);
+        } else {
+          *reinterpret_cast<uint4*>(hi_fragment + offset) = make_uint4(hi[0], lo[0], hi[1], lo[1]);
+        }
       }
     }
   }
   __syncthreads();
 
-  MmaState<P, NT> st;
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    st.m_own[t] = -INFINITY;
-    st.l_own[t] = 0.0f;
-  }
-  st.m_a = st.m_b = -INFINITY;
+  MmaState<P> st;
+  st.m_own = st.m_a = st.m_b = -INFINITY;
+  st.l_own = 0.0f;
   st.value_exponent = kNoScale;
   st.inverse_value_scale = 0.0f;
 #pragma unroll
@@ -1071,17 +1119,17 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     }
     int slot = 0;
     for (int base = first; base < end; base += kStride, slot ^= 1) {
-      MmaTile<P, KB, VB> tile;
+      Tile tile;
       const std::uint8_t* staged = nullptr;
       if (staged_bits & (1u << slot)) {
         barrier_wait(barriers + 8 * slot, (parity_bits >> slot) & 1u);
         parity_bits ^= 1u << slot;
         staged = shared_bytes + (slot_address(slot) - shared_base);
         tile.load_staged_keys(staged, g, r);
-        mma_tile_step<P, KB, VB, NT, true>(tile, staged, query_fragments, query_scale, key_table, value_table, lane, st);
+        mma_tile_step<P, KB, VB, TokenRows, true>(tile, staged, query_fragments, query_scale, key_table, value_table, lane, st);
       } else {
         tile.load(a, b, h, base, end, g, r);
-        mma_tile_step<P, KB, VB, NT, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane,
+        mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane,
                                         st);
       }
       // the slot's words are consumed (every lane's reads precede lane 0's next bulk copy into it)
@@ -1100,28 +1148,24 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     }
   } else {
     for (int base = begin + warp * kTileTokens; base < end; base += kStride) {
-      MmaTile<P, KB, VB> tile;
+      Tile tile;
       tile.load(a, b, h, base, end, g, r);
-      mma_tile_step<P, KB, VB, NT, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane, st);
+      mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane, st);
     }
   }
 
   grid_dependents_launch();  // the combine launch may be scheduled (it waits for this grid's partials)
 
-  // head 4 t + r's sum over its column's 8 lanes; the accumulator columns (heads 2r, 2r + 1) times 2^E
+  // the own head's sum over its lanes (token rows: column r's 8 lanes; head rows: the quad); the accumulator
+  // columns (heads 2r, 2r + 1) times 2^E
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    st.l_own[t] += __shfl_xor_sync(kFullMask, st.l_own[t], 4);
-    st.l_own[t] += __shfl_xor_sync(kFullMask, st.l_own[t], 8);
-    st.l_own[t] += __shfl_xor_sync(kFullMask, st.l_own[t], 16);
+  for (int x = TokenRows ? 4 : 1; x < (TokenRows ? 32 : 4); x *= 2) {
+    st.l_own += __shfl_xor_sync(kFullMask, st.l_own, x);
   }
   __syncthreads();  // shared_acc overwrites the pair tables: every warp is past its last tile
-  if (g == 0) {
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      shared_m[warp][4 * t + r] = st.m_own[t];
-      shared_l[warp][4 * t + r] = st.l_own[t];
-    }
+  if ((TokenRows ? g : r) == 0) {
+    shared_m[warp][TokenRows ? r : g] = st.m_own;
+    shared_l[warp][TokenRows ? r : g] = st.l_own;
   }
   const float value_scale = st.value_exponent == kNoScale ? 0.0f : power_of_two(st.value_exponent);
 #pragma unroll
