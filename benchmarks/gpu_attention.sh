@@ -31,7 +31,7 @@ import rotorquant as rq
 # A few small calls over every head-chunk width and bit pair (for the sanitizers and the profiler).
 device = torch.device("cuda", 0)
 batch, context = int(sys.argv[1]), int(sys.argv[2])
-for group, (kb, vb) in ((1, (2, 2)), (3, (3, 3)), (4, (4, 3)), (8, (3, 4))):
+for group, (kb, vb) in ((1, (2, 2)), (3, (3, 3)), (4, (4, 3)), (8, (3, 4)), (4, (4, 4)), (8, (3, 3))):
     kq = [rq.Quantizer(128, kb, rotation="hadamard", seed=h) for h in range(8)]
     vq = [rq.Quantizer(128, vb, rotation="hadamard", seed=100 + h) for h in range(8)]
     att = rq.DecodeAttention(kq, vq)

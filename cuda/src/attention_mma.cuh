@@ -825,7 +825,8 @@ __device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity) 
 // the kernel stages only when the slots fit behind the padding it finds), else the worst case without slots (kWorst,
 // never staged); whichever fits MmaShape<P>::kMinBlocks blocks per multiprocessor (228 KB, 1 KB reserved per block).
 // d = 128: K2/V2, K2/V3, K3/V2, K2/V4 and K4/V2 stage (kLean), K4/V3 and K3/V4 with one slot in the padding
-// (kPaddingSlot), K3/V3 in the CompactLayout; K4/V4 does not stage.
+// (kPaddingSlots), K4/V4 with two when the score product has token rows (its query fragments take 2 KB of the padding
+// instead of 4), K3/V3 in the CompactLayout; K4/V4 with head rows does not stage.
 //
 // CompactLayout (K3/V3): the two byte-addressed tables (32 KB) at a multiple of kByteEntryBytes (padding <= 240
 // bytes, 0 on H100), the query fragments in the value table's holes (fragment f = 32 s + lane of step s in hole f / 8
@@ -856,12 +857,16 @@ struct SplitMmaShared {
 
   static constexpr int kSlotBytes = (TileBytes<P, KB, VB>::kStagedBytes + 15) / 16 * 16;
   static constexpr int kExpectedPadding = kCompact ? 0 : kTableSlot - 1024;
-  // OR-addressed layout: when all the slots after the tables do not fit the budget but the last one fits the padding
-  // behind misc (d = 128: K4/V3, K3/V4), that slot (warp kSplitWarps - 1's second) goes there.
-  static constexpr bool kPaddingSlot =
-      !kCompact && kMiscBytes + kSlotBytes <= kExpectedPadding &&
-      kExpectedPadding + kRegionBytes + 2 * kSplitWarps * kSlotBytes > 228 * 1024 / MmaShape<P>::kMinBlocks - 1024;
-  static constexpr int kStageBytes = (2 * kSplitWarps - (kPaddingSlot ? 1 : 0)) * kSlotBytes;  // after the tables
+  static constexpr int kBudget = 228 * 1024 / MmaShape<P>::kMinBlocks - 1024;
+  // OR-addressed layout: when all the slots after the tables do not fit the budget, the fewest (1 or 2) that make
+  // them fit go into the padding behind misc when they fit there (d = 128: K4/V3, K3/V4 one, K4/V4 with token rows
+  // two): the second slots of the last warps (slot_address).
+  static constexpr bool SlotsFit(int n) {
+    return kMiscBytes + n * kSlotBytes <= kExpectedPadding &&
+           kExpectedPadding + kRegionBytes + (2 * kSplitWarps - n) * kSlotBytes <= kBudget;
+  }
+  static constexpr int kPaddingSlots = kCompact || SlotsFit(0) ? 0 : SlotsFit(1) ? 1 : SlotsFit(2) ? 2 : 0;
+  static constexpr int kStageBytes = (2 * kSplitWarps - kPaddingSlots) * kSlotBytes;  // after the tables
   static constexpr int kMaxPadding = kCompact ? kByteEntryBytes - 16 : kTableSlot - 16;
   static constexpr int kFixed = kCompact ? kRegionBytes + kOutsideBytes : kRegionBytes + kMiscBytes;
   static constexpr int kWorst = kMaxPadding + kFixed;
@@ -869,7 +874,6 @@ struct SplitMmaShared {
   static constexpr int kLean =
       kCompact ? kExpectedPadding + kFixed + kStageBytes
                : kExpectedPadding + kRegionBytes + (kMiscBytes <= kExpectedPadding ? 0 : kMiscBytes) + kStageBytes;
-  static constexpr int kBudget = 228 * 1024 / MmaShape<P>::kMinBlocks - 1024;
   static constexpr int kBytes = kFull <= kBudget ? kFull : kLean <= kBudget && kLean >= kWorst ? kLean : kWorst;
   static constexpr bool kStaged = kBytes != kWorst;
 };
@@ -980,7 +984,8 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   }
   // block-uniform; with a slot in the padding, the padding found must hold misc and that slot too
   const bool staging = Shared::kStaged && stage_offset + Shared::kStageBytes <= Shared::kBytes &&
-                       (!Shared::kPaddingSlot || padding >= Shared::kMiscBytes + Shared::kSlotBytes);
+                       (Shared::kPaddingSlots == 0 ||
+                        padding >= Shared::kMiscBytes + Shared::kPaddingSlots * Shared::kSlotBytes);
   auto shared_m = reinterpret_cast<float (*)[G]>(statistics);
   auto shared_l = reinterpret_cast<float (*)[G]>(statistics + kSplitWarps * G * 4);
 
@@ -1006,13 +1011,17 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   const int nh = min(a.chunk_heads, a.group - chunk * a.chunk_heads);
   // this warp's two mbarriers
   const unsigned barriers = static_cast<unsigned>(__cvta_generic_to_shared(barrier_bytes)) + 16 * warp;
-  // this warp's two staging slots (shared addresses; kPaddingSlot: the last warp's second one behind misc)
-  const unsigned slot_base = shared_base + stage_offset + 2 * warp * Shared::kSlotBytes;
+  // this warp's two staging slots (shared addresses): slot s of warp w at position s kSplitWarps + w after the tables,
+  // except the second slots of the last kPaddingSlots warps, which lie behind misc in the padding
+  constexpr int kFirstInPadding = kSplitWarps - Shared::kPaddingSlots;
+  const unsigned slot_base = shared_base + stage_offset + warp * Shared::kSlotBytes;
   const auto slot_address = [&](int s) -> unsigned {
-    if constexpr (Shared::kPaddingSlot) {
-      if (s == 1 && warp == kSplitWarps - 1) return shared_base + Shared::kMiscBytes;
+    if constexpr (Shared::kPaddingSlots > 0) {
+      if (s == 1 && warp >= kFirstInPadding) {
+        return shared_base + Shared::kMiscBytes + (warp - kFirstInPadding) * Shared::kSlotBytes;
+      }
     }
-    return slot_base + s * Shared::kSlotBytes;
+    return slot_base + s * kSplitWarps * Shared::kSlotBytes;
   };
   unsigned long long* const cursor = reinterpret_cast<unsigned long long*>(cursor_bytes) + 4 * warp;
   if (staging) {

@@ -237,11 +237,11 @@ def test_query_and_output_dtypes(dtype):
     (1027, 128, 4),  # codes over several splits
     (4099, 128, 4),
 ])
-@pytest.mark.parametrize("key_bits,value_bits", [(4, 3), (3, 3)])
+@pytest.mark.parametrize("key_bits,value_bits", [(4, 4), (3, 3)])
 @pytest.mark.parametrize("qdtype", PATHS)
 def test_lengths_and_edges(tokens, window, sinks, key_bits, value_bits, qdtype):
-    """Lengths around tiles and splits, on a bit pair whose tiles are loaded directly (K4/V3 at d = 128) and on one
-    whose whole tiles are staged through shared memory (K3/V3), with partial last tiles."""
+    """Lengths around tiles and splits, with partial last tiles (loaded directly) after whole tiles staged through
+    shared memory: K4/V4 with two of its slots in the padding, K3/V3 in the compact layout (d = 128, GQA 3)."""
     rng = np.random.default_rng(tokens)
     case = Case(batch=2, kv_heads=2, group=3, tokens=tokens, window=window, sinks=sinks, key_bits=key_bits,
                 value_bits=value_bits)
@@ -359,11 +359,11 @@ def test_per_sequence_lengths(qdtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("block_size", [8, 16, 32, 64, 128])
-@pytest.mark.parametrize("key_bits,value_bits", [(4, 3), (3, 3), (2, 2)])
+@pytest.mark.parametrize("key_bits,value_bits", [(4, 4), (4, 3), (3, 3), (2, 2)])
 @pytest.mark.parametrize("qdtype", PATHS)
 def test_paged_layout_equals_contiguous(block_size, key_bits, value_bits, qdtype):
     """Pages of every size: below one tile (loaded token by token) and of one or more tiles (whole tiles staged through
-    shared memory at K3/V3 and K2/V2, loaded directly at K4/V3)."""
+    shared memory: K4/V4 with two slots in the padding, K4/V3 with one, K3/V3 compact, K2/V2)."""
     import torch
     rng = np.random.default_rng(block_size)
     case = Case(batch=3, kv_heads=2, group=4, tokens=700, key_bits=key_bits, value_bits=value_bits)
@@ -376,13 +376,15 @@ def test_paged_layout_equals_contiguous(block_size, key_bits, value_bits, qdtype
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("block_size", [None, 16, 64])
-@pytest.mark.parametrize("key_bits,value_bits", [(3, 3), (2, 2), (4, 3)])
-def test_long_splits_match_cpu(block_size, key_bits, value_bits):
+@pytest.mark.parametrize("key_bits,value_bits,group", [(3, 3, 4), (2, 2, 4), (4, 3, 4), (4, 4, 4), (3, 3, 8),
+                                                       (4, 3, 8)])
+def test_long_splits_match_cpu(block_size, key_bits, value_bits, group):
     """Splits long enough that every warp takes several tiles, so that the staged bit pairs refill their two slots in
-    the loop (a warp's lane 0 issues the copies of its tile after next), contiguous and paged."""
+    the loop (a warp's lane 0 issues the copies of its tile after next), contiguous and paged; both score layouts
+    (token rows for GQA 4, head rows for 8 heads per chunk)."""
     import torch
     rng = np.random.default_rng(17)
-    case = Case(batch=4, kv_heads=8, group=4, tokens=6000, key_bits=key_bits, value_bits=value_bits)
+    case = Case(batch=4, kv_heads=8, group=group, tokens=6000, key_bits=key_bits, value_bits=value_bits)
     splits = case.attention.num_splits(case.batch, case.kv_heads * case.group, case.n_codes)
     assert case.n_codes / splits >= 4 * 64, f"{splits} splits of {case.n_codes} codes: too short for this test"
     q = case.queries(rng, torch.float16)
