@@ -829,8 +829,8 @@ __device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity) 
 // instead of 4), K3/V3 in the CompactLayout; K4/V4 with head rows does not stage.
 //
 // CompactLayout (K3/V3): the two byte-addressed tables (32 KB) at a multiple of kByteEntryBytes (padding <= 240
-// bytes, 0 on H100), the query fragments in the value table's holes (fragment f = 32 s + lane of step s in hole f / 8
-// at 16 (f % 8)), then the slot mbarriers (one hole) and staging cursors (the next) when holes are left, the block
+// bytes, 0 on H100), the query fragments in the value table's holes (fragment_offset, kFragmentStepBytes: 2 or 4
+// holes per k-step), then the slot mbarriers (one hole) and staging cursors (the next) when holes are left, the block
 // merge's accumulators over the key table and its statistics behind them (both after the tile loop), anything that
 // does not fit there ("outside": d = 256) after the tables, then the slots: 32 + 12.5 KB at d = 128, 5 blocks per SM.
 template <int P, int KB, int VB, bool TokenRows>
