@@ -26,15 +26,16 @@
 // - Head rows: the score accumulator of lane (g, r) holds head g at tokens 2r, 2r + 1 (and 8 + 2r, 9 + 2r in the
 //   second n-tile): exactly the B operand of the value product, so the weights never leave the registers. For 8
 //   heads this beats token rows (two n-tiles of 4 heads: the same products, more shuffles; measured 5 % slower).
+//
 // Numerics: queries are scaled per head by a power of two to |q| < 1 and split into an fp16 value and its fp16
 // remainder (token rows: two B columns; head rows: A rows 8-15, otherwise padding: the split costs no extra product).
 // Key centroids likewise: a second pair table holds their fp16 remainders, read at the same address plus an offset,
-// and a second product with the same query operand adds them, so the
-// scores carry ~22-bit operands; they are accumulated in fp32 and multiplied by the key norm and the power of two in
-// fp32. Value centroids and the softmax weights are fp16. Value norms are folded into the weights as p * n_t * 2^-E,
-// with 2^E a running power-of-two bound of the value norms seen (rescaled lazily like the softmax maximum), so the
-// fp16 weights stay <= 2^9 for any norm; the accumulator is multiplied by 2^E at the end. Online softmax as in the
-// SIMT kernel (base 2, lazy rescale by kRescaleThreshold).
+// and a second product with the same query operand adds them, so the scores carry ~22-bit operands; they are
+// accumulated in fp32 and multiplied by the key norm and the power of two in fp32. Value centroids and the softmax
+// weights are fp16. Value norms are folded into the weights as p * n_t * 2^-E, with 2^E a running power-of-two bound
+// of the value norms seen (rescaled lazily like the softmax maximum), so the fp16 weights stay <= 2^9 for any norm;
+// the accumulator is multiplied by 2^E at the end. Online softmax as in the SIMT kernel (base 2, lazy rescale by
+// kRescaleThreshold).
 #pragma once
 
 #include "attention_kernels.cuh"
@@ -217,6 +218,16 @@ __device__ __forceinline__ int fragment_offset(int lane) {
     return F * lane;
   }
 }
+
+// The query head whose scores lane (g, r) holds (token rows: r; head rows: g), and the lanes that share it: the xor
+// distances [kFirstXor, kEndXor) of a reduction over them (token rows: the 8 lanes of column r; head rows: the quad),
+// and `first`: the lane of them with the other index 0.
+template <bool TokenRows>
+struct OwnHead {
+  static constexpr int kFirstXor = TokenRows ? 4 : 1, kEndXor = TokenRows ? 32 : 4;
+  __device__ __forceinline__ static int head(int g, int r) { return TokenRows ? r : g; }
+  __device__ __forceinline__ static bool first(int g, int r) { return (TokenRows ? g : r) == 0; }
+};
 
 // Shared address in the pair table at `table` (its base ORed with the lane's copy offset) of the pair field `pair`
 // (the coordinates 2 pair, 2 pair + 1 of plane words laid out like a code slice, or the token-interleaved words of
@@ -698,13 +709,17 @@ __device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, 
     tile_max = fmaxf(tile_max, fmaxf(sc[N - 2], sc[N - 1]));
     value_max = fmaxf(value_max, fmaxf(vn[N - 2], vn[N - 1]));
   }
-  constexpr int kFirst = TokenRows ? 4 : 1, kEnd = TokenRows ? 32 : 4;  // xor distances of the own head's lanes
+  using Own = OwnHead<TokenRows>;
 #pragma unroll
-  for (int x = kFirst; x < kEnd; x *= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, x));
+  for (int x = Own::kFirstXor; x < Own::kEndXor; x *= 2) {
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, x));
+  }
   const int lane_a = TokenRows ? 4 * g + ((2 * r) & 3) : 8 * r, lane_b = lane_a + (TokenRows ? 1 : 4);
   const float max_a = __shfl_sync(kFullMask, tile_max, lane_a), max_b = __shfl_sync(kFullMask, tile_max, lane_b);
 #pragma unroll
-  for (int x = kFirst; x < kEnd; x *= 2) value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, x));
+  for (int x = Own::kFirstXor; x < Own::kEndXor; x *= 2) {
+    value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, x));
+  }
   // value_max is warp-uniform: the tile's 16 tokens
 
   if (tile_max > st.m_own + kRescaleThreshold) {
@@ -1135,11 +1150,12 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
         parity_bits ^= 1u << slot;
         staged = shared_bytes + (slot_address(slot) - shared_base);
         tile.load_staged_keys(staged, g, r);
-        mma_tile_step<P, KB, VB, TokenRows, true>(tile, staged, query_fragments, query_scale, key_table, value_table, lane, st);
+        mma_tile_step<P, KB, VB, TokenRows, true>(tile, staged, query_fragments, query_scale, key_table, value_table,
+                                                  lane, st);
       } else {
         tile.load(a, b, h, base, end, g, r);
-        mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane,
-                                        st);
+        mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, query_scale, key_table,
+                                                   value_table, lane, st);
       }
       // the slot's words are consumed (every lane's reads precede lane 0's next bulk copy into it)
       staged_bits &= ~(1u << slot);
@@ -1159,7 +1175,8 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     for (int base = begin + warp * kTileTokens; base < end; base += kStride) {
       Tile tile;
       tile.load(a, b, h, base, end, g, r);
-      mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table, lane, st);
+      mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table,
+                                                 lane, st);
     }
   }
 
@@ -1167,14 +1184,13 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
 
   // the own head's sum over its lanes (token rows: column r's 8 lanes; head rows: the quad); the accumulator
   // columns (heads 2r, 2r + 1) times 2^E
+  using Own = OwnHead<TokenRows>;
 #pragma unroll
-  for (int x = TokenRows ? 4 : 1; x < (TokenRows ? 32 : 4); x *= 2) {
-    st.l_own += __shfl_xor_sync(kFullMask, st.l_own, x);
-  }
+  for (int x = Own::kFirstXor; x < Own::kEndXor; x *= 2) st.l_own += __shfl_xor_sync(kFullMask, st.l_own, x);
   __syncthreads();  // shared_acc overwrites the pair tables: every warp is past its last tile
-  if ((TokenRows ? g : r) == 0) {
-    shared_m[warp][TokenRows ? r : g] = st.m_own;
-    shared_l[warp][TokenRows ? r : g] = st.l_own;
+  if (Own::first(g, r)) {
+    shared_m[warp][Own::head(g, r)] = st.m_own;
+    shared_l[warp][Own::head(g, r)] = st.l_own;
   }
   const float value_scale = st.value_exponent == kNoScale ? 0.0f : power_of_two(st.value_exponent);
 #pragma unroll
