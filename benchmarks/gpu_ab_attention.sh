@@ -1,22 +1,20 @@
 #!/usr/bin/env bash
 # Device script: A/B of the fused attention against an older tree in the same run. The older tree is a
-# `git archive REV` unpacked to old_tree/ (ignored; carried with the call), installed to /tmp/old; the working tree is
-# built and installed as in gpu_build.sh (SKIP_BUILD=1 reuses an installed one). Each argument is one argument list
-# of benchmarks/bench_attention.py, run for the old then the new build. Output: $OUT/ab_attention.txt.
+# `git archive REV` unpacked to old_tree/ (ignored; carried with the call), installed to /tmp/old in the environment
+# of gpu_env.sh; the working tree is built and installed as in gpu_build.sh (SKIP_BUILD=1 reuses an installed one).
+# Each argument is one argument list of benchmarks/bench_attention.py, run for the old then the new build.
+# Output: $OUT/ab_attention.txt.
 #   git archive REV | tar -x -C old_tree;  OUT=$OUT bash benchmarks/gpu_ab_attention.sh "--batches 32 --bits 3/3"
 set -uo pipefail
 if [ ! -d old_tree ]; then
   echo "no old_tree/ (git archive REV | tar -x -C old_tree, and carry it)"
   exit 1
 fi
+# shellcheck source=benchmarks/gpu_env.sh
+. "$(dirname "$0")/gpu_env.sh"
 # the old tree builds in the background while gpu_build.sh builds the working tree
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 old_start=$(date +%s)
-(
-  export PYTHONPATH=/tmp/site ROTORQUANT_CUDA=ON ROTORQUANT_CUDA_ARCHS="${ROTORQUANT_CUDA_ARCHS:-90}"
-  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" CUDACXX="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)"
-  python3 -m pip install --no-build-isolation --no-deps --target /tmp/old ./old_tree > /tmp/rq_old_build.log 2>&1
-) &
+python3 -m pip install --no-build-isolation --no-deps --target /tmp/old ./old_tree > /tmp/rq_old_build.log 2>&1 &
 old_pid=$!
 # shellcheck source=benchmarks/gpu_build.sh
 . "$(dirname "$0")/gpu_build.sh"
