@@ -3,7 +3,7 @@
 # `git archive REV` unpacked to old_tree/ (ignored; carried with the call), installed to /tmp/old in the environment
 # of gpu_env.sh; the working tree is built and installed as in gpu_build.sh (SKIP_BUILD=1 reuses an installed one).
 # Each argument is one argument list of benchmarks/bench_attention.py, run for the old then the new build.
-# Output: $OUT/ab_attention.txt.
+# Output: $OUT/ab_attention.txt. TESTS=1 then runs the attention tests on the new build ($OUT/attention_tests.log).
 #   git archive REV | tar -x -C old_tree;  OUT=$OUT bash benchmarks/gpu_ab_attention.sh "--batches 32 --bits 3/3"
 set -uo pipefail
 if [ ! -d old_tree ]; then
@@ -35,3 +35,8 @@ for args in "$@"; do
   } >> "$OUT/ab_attention.txt" 2>&1
 done
 cat "$OUT/ab_attention.txt"
+if [ -n "${TESTS:-}" ]; then
+  timeout "${CUDA_TESTS_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --maxfail=20 --tb=short \
+    "$REPO/tests/python/test_decode_attention.py" -rs > "$OUT/attention_tests.log" 2>&1
+  note "attention tests: $(tail -1 "$OUT/attention_tests.log")"
+fi

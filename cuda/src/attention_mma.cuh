@@ -190,7 +190,7 @@ constexpr int kByteEntryBytes = 256, kByteLowOffset = 128;
 
 // K3/V3 (CompactLayout): the 3-bit value table is byte-addressed too, entry t's 32 copies at [256 t, 256 t + 128) of
 // the 16 KB after the key table. Its other halves ("holes", 64 x 128 bytes) hold the query fragments and the slot
-// mbarriers and staging cursors, and nothing needs a multiple of 8 KB any more (the OR-addressed tables did), so the
+// mbarriers, and nothing needs a multiple of 8 KB any more (the OR-addressed tables did), so the
 // 7 KB of padding before the tables go too: tables, slots and all fit 5 blocks per SM at d = 128 (SplitMmaShared).
 // With the value table OR-addressed (8 KB), a byte-addressed one cost the staging and measured 4 % slower (H100).
 template <int KB, int VB>
@@ -833,7 +833,7 @@ __device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity) 
 
 // Dynamic shared memory of split_mma_kernel<P, KB, VB>: the pair tables at a multiple of kTableSlot (so up to
 // kTableSlot - 16 bytes of padding before them), the per-warp accumulators of the block merge aliased onto the tables
-// (dead by then), the query fragments, softmax statistics, slot mbarriers and staging cursors ("misc") in the padding
+// (dead by then), the query fragments, softmax statistics and slot mbarriers ("misc") in the padding
 // when they fit there, else after the tables, and the staging slots after both. The padding is known only on the
 // device; on H100 the dynamic window starts 1 KB into the block's shared memory, so it is kExpectedPadding. kBytes
 // reserves, by preference: the worst-case padding with the slots (kFull), else the expected padding with them (kLean:
@@ -845,7 +845,7 @@ __device__ __forceinline__ void barrier_wait(unsigned barrier, unsigned parity) 
 //
 // CompactLayout (K3/V3): the two byte-addressed tables (32 KB) at a multiple of kByteEntryBytes (padding <= 240
 // bytes, 0 on H100), the query fragments in the value table's holes (fragment_offset, kFragmentStepBytes: 2 or 4
-// holes per k-step), then the slot mbarriers (one hole) and staging cursors (the next) when holes are left, the block
+// holes per k-step), then the slot mbarriers (one hole) when a hole is left, the block
 // merge's accumulators over the key table and its statistics behind them (both after the tile loop), anything that
 // does not fit there ("outside": d = 256) after the tables, then the slots: 32 + 12.5 KB at d = 128, 5 blocks per SM.
 template <int P, int KB, int VB, bool TokenRows>
@@ -856,19 +856,18 @@ struct SplitMmaShared {
   static constexpr int kRegionBytes = kAccumulatorBytes > kTables ? kAccumulatorBytes : kTables;
   static constexpr int kFragmentBytes = MmaShape<P>::kSteps * 32 * kFragmentLaneBytes<TokenRows>;
   static constexpr int kStatisticsBytes = 2 * kSplitWarps * kMmaHeads * 4;
-  static constexpr int kBarrierBytes = 2 * kSplitWarps * 8, kCursorBytes = kSplitWarps * 32;
+  static constexpr int kBarrierBytes = 2 * kSplitWarps * 8;
   // OR-addressed layout: misc
   static constexpr int kBarrierOffset = kFragmentBytes + kStatisticsBytes;
-  static constexpr int kCursorOffset = kBarrierOffset + kBarrierBytes;
-  static constexpr int kMiscBytes = kCursorOffset + kCursorBytes;
+  static constexpr int kMiscBytes = kBarrierOffset + kBarrierBytes;
   // CompactLayout: holes and outside
   static constexpr int kFragmentHoles = kFragmentBytes / kHoleBytes;
-  static constexpr bool kSlotMiscInHoles = kFragmentHoles + 2 <= kHoles;
+  static constexpr bool kSlotMiscInHoles = kFragmentHoles + 1 <= kHoles;
   static constexpr bool kStatisticsInRegion = kAccumulatorBytes + kStatisticsBytes <= kRegionBytes;
-  static constexpr int kOutsideBytes = (kSlotMiscInHoles ? 0 : kBarrierBytes + kCursorBytes) +
+  static constexpr int kOutsideBytes = (kSlotMiscInHoles ? 0 : kBarrierBytes) +
                                        (kStatisticsInRegion ? 0 : kStatisticsBytes);
-  static_assert(!kCompact || (kFragmentHoles <= kHoles && kBarrierBytes <= kHoleBytes && kCursorBytes <= kHoleBytes),
-                "the query fragments, mbarriers and cursors fit the holes");
+  static_assert(!kCompact || (kFragmentHoles <= kHoles && kBarrierBytes <= kHoleBytes),
+                "the query fragments and mbarriers fit the holes");
 
   static constexpr int kSlotBytes = (TileBytes<P, KB, VB>::kStagedBytes + 15) / 16 * 16;
   static constexpr int kExpectedPadding = kCompact ? 0 : kTableSlot - 1024;
@@ -936,27 +935,32 @@ __device__ __forceinline__ void stage_tile(const TileSources& sources, unsigned 
       slot, barrier, sources.keys, sources.values, sources.key_norms, sources.value_norms);
 }
 
-// Contiguous layout: a warp's next tile to stage, as a cursor in shared memory (lane 0's, set once by set_cursor and
-// advanced by the warps' tile stride per copy) instead of a row computation and four 64-bit products per tile in the
-// loop.
-__device__ __forceinline__ void set_cursor(unsigned long long* cursor, const TileSources& sources) {
-  ulonglong2* const c = reinterpret_cast<ulonglong2*>(cursor);
-  c[0] = make_ulonglong2(reinterpret_cast<unsigned long long>(sources.keys),
-                         reinterpret_cast<unsigned long long>(sources.values));
-  c[1] = make_ulonglong2(reinterpret_cast<unsigned long long>(sources.key_norms),
-                         reinterpret_cast<unsigned long long>(sources.value_norms));
-}
-
+// Contiguous layout: the sources of a warp's next tile to stage, advanced by the warps' tile stride per copy. Kept
+// warp-uniform (it derives from the kernel arguments, the block index, the broadcast warp index and the broadcast
+// length only), so ptxas holds it in uniform registers and the copies take it without moving it there.
 template <int P, int KB, int VB>
-__device__ __forceinline__ TileSources advance_cursor(unsigned long long* cursor) {
+__device__ __forceinline__ void advance_sources(TileSources& sources) {
   using Tile = TileBytes<P, KB, VB>;
   constexpr int kRows = kSplitWarps * kTileTokens;
-  ulonglong2* const c = reinterpret_cast<ulonglong2*>(cursor);
-  const ulonglong2 c0 = c[0], c1 = c[1];
-  c[0] = make_ulonglong2(c0.x + kRows * Tile::kKeyBytes, c0.y + kRows * Tile::kValueBytes);
-  c[1] = make_ulonglong2(c1.x + kRows * 2, c1.y + kRows * 2);
-  return {reinterpret_cast<const std::uint8_t*>(c0.x), reinterpret_cast<const std::uint8_t*>(c0.y),
-          reinterpret_cast<const std::uint8_t*>(c1.x), reinterpret_cast<const std::uint8_t*>(c1.y)};
+  sources.keys += kRows * Tile::kKeyBytes;
+  sources.values += kRows * Tile::kValueBytes;
+  sources.key_norms += kRows * 2;
+  sources.value_norms += kRows * 2;
+}
+
+// One lane of a converged warp (elect.sync): ptxas knows that exactly one thread runs the branch, so the bulk copies
+// inside take their operands as they are (uniform registers, or one move each) instead of an elect loop per copy
+// that serves every active lane in turn.
+__device__ __forceinline__ bool elect_one_sync() {
+  unsigned elected;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "elect.sync _|p, 0xffffffff;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(elected));
+  return elected != 0u;
 }
 
 template <int P, int KB, int VB, bool TokenRows>
@@ -974,19 +978,19 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   unsigned char* const region = shared_bytes + padding;
   unsigned* const pair_tables = reinterpret_cast<unsigned*>(region);
   auto shared_acc = reinterpret_cast<float (*)[G][P]>(region);  // after the tile loop only
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // the warp index broadcast from lane 0: warp-uniform to the compiler too (uniform registers for the staging)
+  const int lane = threadIdx.x & 31, warp = __shfl_sync(kFullMask, threadIdx.x >> 5, 0);
   unsigned char* fragments;  // the first query fragment (or hole)
-  unsigned char *statistics, *barrier_bytes, *cursor_bytes;
+  unsigned char *statistics, *barrier_bytes;
   unsigned stage_offset;
   if constexpr (Shared::kCompact) {
     unsigned char* const holes = region + kValueOffset + kHoleBytes;  // hole k at holes + 256 k
     unsigned char* const outside = region + Shared::kRegionBytes;
     fragments = holes;
     barrier_bytes = Shared::kSlotMiscInHoles ? holes + kByteEntryBytes * Shared::kFragmentHoles : outside;
-    cursor_bytes = Shared::kSlotMiscInHoles ? barrier_bytes + kByteEntryBytes : outside + Shared::kBarrierBytes;
     statistics = Shared::kStatisticsInRegion
                      ? region + Shared::kAccumulatorBytes
-                     : outside + (Shared::kSlotMiscInHoles ? 0 : Shared::kBarrierBytes + Shared::kCursorBytes);
+                     : outside + (Shared::kSlotMiscInHoles ? 0 : Shared::kBarrierBytes);
     stage_offset = padding + Shared::kRegionBytes + Shared::kOutsideBytes;
   } else {
     const bool misc_in_padding = padding >= Shared::kMiscBytes;
@@ -994,7 +998,6 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     fragments = misc;
     statistics = misc + Shared::kFragmentBytes;
     barrier_bytes = misc + Shared::kBarrierOffset;
-    cursor_bytes = misc + Shared::kCursorOffset;
     stage_offset = padding + Shared::kRegionBytes + (misc_in_padding ? 0 : Shared::kMiscBytes);
   }
   // block-uniform; with a slot in the padding, the padding found must hold misc and that slot too
@@ -1038,7 +1041,6 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     }
     return slot_base + s * kSplitWarps * Shared::kSlotBytes;
   };
-  unsigned long long* const cursor = reinterpret_cast<unsigned long long*>(cursor_bytes) + 4 * warp;
   if (staging) {
     if (lane == 0) {
       barrier_init(barriers);
@@ -1115,7 +1117,9 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
 #pragma unroll
   for (int i = 0; i < S; ++i) st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.0f;
 
-  const int length = a.code_lengths ? min(__ldg(a.code_lengths + b), a.max_code_length) : 0;
+  // broadcast: warp-uniform to the compiler, so is the tile loop (and the staging state in it)
+  const int length =
+      __shfl_sync(kFullMask, a.code_lengths ? min(__ldg(a.code_lengths + b), a.max_code_length) : 0, 0);
   const int begin = split * a.tokens_per_split;
   const int end = min(begin + a.tokens_per_split, length);
   constexpr int kStride = kSplitWarps * kTileTokens;
@@ -1132,15 +1136,14 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     for (int s = 0; s < 2; ++s) {
       const int base = first + s * kStride;
       if (stageable && base + kTileTokens <= end) {
-        if (lane == 0) {
+        if (elect_one_sync()) {
           stage_tile<P, KB, VB>(tile_sources<P, KB, VB>(a, b, h, base), slot_address(s), barriers + 8 * s);
         }
         staged_bits |= 1u << s;
       }
     }
-    if (stageable && !a.block_table && lane == 0) {
-      set_cursor(cursor, tile_sources<P, KB, VB>(a, b, h, first + 2 * kStride));
-    }
+    // contiguous layout: the sources of the next copy (paged layouts read the block table per copy)
+    TileSources sources = a.block_table ? TileSources{} : tile_sources<P, KB, VB>(a, b, h, first + 2 * kStride);
     int slot = 0;
     for (int base = first; base < end; base += kStride, slot ^= 1) {
       Tile tile;
@@ -1162,12 +1165,15 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
       const int next = base + 2 * kStride;
       if (stageable && next + kTileTokens <= end) {
         __syncwarp();
-        if (lane == 0) {
+        if (elect_one_sync()) {
           asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-          const TileSources sources =
-              a.block_table ? tile_sources<P, KB, VB>(a, b, h, next) : advance_cursor<P, KB, VB>(cursor);
-          stage_tile<P, KB, VB>(sources, slot_address(slot), barriers + 8 * slot);
+          if (a.block_table) {
+            stage_tile<P, KB, VB>(tile_sources<P, KB, VB>(a, b, h, next), slot_address(slot), barriers + 8 * slot);
+          } else {
+            stage_tile<P, KB, VB>(sources, slot_address(slot), barriers + 8 * slot);
+          }
         }
+        advance_sources<P, KB, VB>(sources);
         staged_bits |= 1u << slot;
       }
     }
