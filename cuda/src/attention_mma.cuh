@@ -178,15 +178,27 @@ struct PairCopies {
 constexpr int kTableSlot = 8192;
 constexpr int kKeyLowOffset = kTableSlot, kValueOffset = 2 * kTableSlot, kTableBytes = 3 * kTableSlot;
 
-// The 3-bit key table is byte-addressed instead (see pair_bytes, byte_entry): entries kByteEntryBytes apart, entry t
-// holding the 32 copies of its value at words [64 t, 64 t + 32) and the 32 copies of its fp16 remainders at
-// +kByteLowOffset, so one byte permute turns a pair's 6-bit field into the entry's address. It fills the two slots
-// of the OR-addressed key tables (16 KB).
+// The 3-bit key table is byte-addressed instead (see pair_bytes, byte_entry): entries kByteEntryBytes apart, so one
+// byte permute turns a pair's 6-bit field into the entry's address. It fills the two slots of the OR-addressed key
+// tables (16 KB). Entry t holds 32 bank-private copies of the pair's fp16 centroids and of their fp16 remainders:
+// - split (head rows): the values at words [64 t, 64 t + 32), the remainders kByteLowOffset bytes on; lane l reads
+//   word l of each (one wavefront per 32-bit load);
+// - paired (token rows, KeyPairs): lane l's value and remainder side by side at 256 t + 8 l, one 64-bit load for
+//   both (two wavefronts, as the two 32-bit loads were), straight into an A-operand register pair of the score product
+//   (mma_scores: remainder rows).
 template <int Bits>
 struct ByteTable {
   static constexpr bool value = Bits == 3;
 };
 constexpr int kByteEntryBytes = 256, kByteLowOffset = 128;
+
+// Whether the score product reads its key pairs from a paired table (value and remainder side by side, one 64-bit
+// load): token rows with 3-bit keys (the byte-addressed table) or 2-bit keys (16 entries of 8 bytes, one copy). The
+// 4-bit table would need 16 KB aligned to 16 KB for its OR addressing.
+template <int KB, bool TokenRows>
+struct PairedKeys {
+  static constexpr bool value = TokenRows && (KB == 3 || KB == 2);
+};
 
 // K3/V3 (CompactLayout): the 3-bit value table is byte-addressed too, entry t's 32 copies at [256 t, 256 t + 128) of
 // the 16 KB after the key table. Its other halves ("holes", 64 x 128 bytes) hold the query fragments and the slot
@@ -232,11 +244,12 @@ struct OwnHead {
 // Shared address in the pair table at `table` (its base ORed with the lane's copy offset) of the pair field `pair`
 // (the coordinates 2 pair, 2 pair + 1 of plane words laid out like a code slice, or the token-interleaved words of
 // two slices): plane-0 field of 2 W0 bits, plane-1 field of 2.
-template <int Bits, int N0, int N1>
+// EntryLog2: log2 of an entry's bytes (4, or 8 for the paired key table of 2-bit keys).
+template <int Bits, int N0, int N1, int EntryLog2 = 2>
 __device__ __forceinline__ unsigned pair_address(unsigned table, const unsigned (&w0)[N0], const unsigned (&w1)[N1],
                                                  int pair) {
   constexpr int W0 = Planes<Bits>::W0;
-  constexpr int kEntryShift = 2 + PairCopies<Bits>::kLog2;
+  constexpr int kEntryShift = EntryLog2 + PairCopies<Bits>::kLog2;
   const int bit0 = 2 * W0 * pair;
   unsigned address = table | place_field(w0[bit0 >> 5], bit0 & 31, 2 * W0, kEntryShift);
   if constexpr (Planes<Bits>::kSecond) {
@@ -300,6 +313,13 @@ __device__ __forceinline__ unsigned shared_word(unsigned shared_address) {
   return value;
 }
 
+// A paired table entry: {fp16 centroids, fp16 remainders} (8-byte aligned).
+__device__ __forceinline__ uint2 shared_pair(unsigned shared_address) {
+  uint2 v;
+  asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(shared_address));
+  return v;
+}
+
 __device__ __forceinline__ unsigned shared_word_key_low(unsigned shared_address) {
   static_assert(kKeyLowOffset == 8192, "the immediate offset of the load below is kKeyLowOffset");
   unsigned value;
@@ -361,13 +381,20 @@ __device__ __forceinline__ void fill_pair_table(unsigned* table, const float* ce
 }
 
 // Writes the byte-addressed 3-bit key table at `table` (16-byte aligned), the block's threads together: entry t's
-// copies of its value, then of its fp16 remainders.
+// copies of its value, then of its fp16 remainders (Paired: value and remainder side by side, per copy).
+template <bool Paired>
 __device__ __forceinline__ void fill_byte_pair_table(unsigned* table, const float* centroids) {
   constexpr int kQuads = kByteEntryBytes / 16;  // 16-byte stores per entry
   static_assert(64 * kByteEntryBytes == 2 * kTableSlot, "a byte-addressed table fills two slots");
   for (int i = threadIdx.x; i < 64 * kQuads; i += blockDim.x) {
-    const unsigned v = pair_table_value<3>(centroids, i / kQuads, i % kQuads >= kQuads / 2);
-    reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
+    if constexpr (Paired) {
+      const unsigned v = pair_table_value<3>(centroids, i / kQuads, false);
+      const unsigned low = pair_table_value<3>(centroids, i / kQuads, true);
+      reinterpret_cast<uint4*>(table)[i] = make_uint4(v, low, v, low);
+    } else {
+      const unsigned v = pair_table_value<3>(centroids, i / kQuads, i % kQuads >= kQuads / 2);
+      reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
+    }
   }
 }
 
@@ -381,17 +408,23 @@ __device__ __forceinline__ void fill_byte_value_table(unsigned* table, const flo
   }
 }
 
-// The pair tables of split_mma_kernel<P, KB, VB> at `tables` (a multiple of kTableSlot, kTableBytes; CompactLayout:
-// of kByteEntryBytes, 32 KB).
-template <int KB, int VB>
+// The pair tables of split_mma_kernel<P, KB, VB, TokenRows> at `tables` (a multiple of kTableSlot, kTableBytes;
+// CompactLayout: of kByteEntryBytes, 32 KB).
+template <int KB, int VB, bool TokenRows>
 __device__ __forceinline__ void fill_pair_tables(unsigned* tables, const float* centroids) {
   if constexpr (CompactLayout<KB, VB>::value) {
-    fill_byte_pair_table(tables, centroids);
+    fill_byte_pair_table<TokenRows>(tables, centroids);
     fill_byte_value_table(tables + kValueOffset / 4, centroids + kTableSize);
     return;
   }
   if constexpr (ByteTable<KB>::value) {
-    fill_byte_pair_table(tables, centroids);
+    fill_byte_pair_table<TokenRows>(tables, centroids);
+  } else if constexpr (PairedKeys<KB, TokenRows>::value) {
+    static_assert(PairCopies<KB>::value == 1, "one copy of the paired 2-bit table");
+    for (int i = threadIdx.x; i < 1 << Planes<KB>::kPairBits; i += blockDim.x) {
+      reinterpret_cast<uint2*>(tables)[i] =
+          make_uint2(pair_table_value<KB>(centroids, i, false), pair_table_value<KB>(centroids, i, true));
+    }
   } else {
     fill_pair_table<KB>(tables, centroids, false);
     fill_pair_table<KB>(tables + kKeyLowOffset / 4, centroids, true);
@@ -546,29 +579,39 @@ struct MmaState {
 
 // Shared addresses of a tile's key pair entries (the lane's tokens g and 8 + g): from OR-addressed tables, the pair
 // field is assembled from the plane words at each lookup (pair_address); `table` carries the lane's copy offset.
-template <int P, int KB, bool Byte = ByteTable<KB>::value>
+template <int P, int KB, bool TokenRows, bool Byte = ByteTable<KB>::value>
 struct KeyLookup {
   using Slice = CodeSlice<KB, P, MmaShape<P>::kKeyCoords>;
+  static constexpr bool kPaired = PairedKeys<KB, TokenRows>::value;
   const Slice (&key)[2];
   unsigned table;
   __device__ __forceinline__ KeyLookup(const Slice (&k)[2], unsigned t, int) : key(k), table(t) {}
   __device__ __forceinline__ unsigned address(int token, int pair) const {
-    return pair_address<KB>(table, key[token].w0, key[token].w1, pair);
+    constexpr int N0 = WordCount<Slice::kBytes0>::value, N1 = WordCount<Slice::kBytes1>::value;
+    return pair_address<KB, N0, N1, kPaired ? 3 : 2>(table, key[token].w0, key[token].w1, pair);
   }
-  __device__ __forceinline__ static unsigned remainder(unsigned address) { return shared_word_key_low(address); }
+  __device__ __forceinline__ static unsigned remainder(unsigned address) {
+    static_assert(!kPaired, "the paired table is read by pair()");
+    return shared_word_key_low(address);
+  }
+  __device__ __forceinline__ static uint2 pair(unsigned address) {
+    static_assert(kPaired, "the split tables are read by shared_word() and remainder()");
+    return shared_pair(address);
+  }
 };
 
 // From a byte-addressed table (3 bits) at `table`: the fields are rearranged once per tile into biased pair_bytes
-// words, and a lookup is one byte permute.
-template <int P, int KB>
-struct KeyLookup<P, KB, true> {
+// words, and a lookup is one byte permute. Token rows read the paired layout (value and remainder in one 64-bit
+// load, `pair`), head rows the split one.
+template <int P, int KB, bool TokenRows>
+struct KeyLookup<P, KB, TokenRows, true> {
   using Slice = CodeSlice<KB, P, MmaShape<P>::kKeyCoords>;
   static constexpr int kGroups = (MmaShape<P>::kKeyCoords / 2 + 15) / 16;  // groups of 16 pairs
   static constexpr int N0 = WordCount<Slice::kBytes0>::value;
   unsigned bytes[2][kGroups][4];
   unsigned lane_address;
   __device__ __forceinline__ KeyLookup(const Slice (&key)[2], unsigned table, int lane)
-      : lane_address(table + ((lane & 31) << 2)) {
+      : lane_address(table + ((lane & 31) << (TokenRows ? 3 : 2))) {
     const unsigned bias = byte_bias(table);
 #pragma unroll
     for (int token = 0; token < 2; ++token) {
@@ -583,7 +626,13 @@ struct KeyLookup<P, KB, true> {
     return byte_entry(bytes[token][pair >> 4], pair & 15, lane_address);
   }
   __device__ __forceinline__ static unsigned remainder(unsigned address) {
+    static_assert(!TokenRows, "the paired layout is read by pair()");
     return shared_word(address + kByteLowOffset);
+  }
+  // paired layout: {the pair's fp16 centroids, their fp16 remainders}
+  __device__ __forceinline__ static uint2 pair(unsigned address) {
+    static_assert(TokenRows, "the split layout is read by shared_word() and remainder()");
+    return shared_pair(address);
   }
 };
 
@@ -655,9 +704,26 @@ __device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, 
   constexpr int S = MmaShape<P>::kSteps;
   constexpr int N = MmaTile<P, KB, VB, TokenRows>::kNorms;  // scores per lane
   const int g = lane >> 2, r = lane & 3;
-  const KeyLookup<P, KB> keys(tile.key, key_table, lane);
+  const KeyLookup<P, KB, TokenRows> keys(tile.key, key_table, lane);
   float sc[N];
-  if constexpr (TokenRows) {
+  if constexpr (PairedKeys<KB, TokenRows>::value) {
+    // Remainder rows: one product per token row half. A row g: token g's fp16 centroids, row 8 + g: their fp16
+    // remainders, at pairs 2 s (k-slots 2r, 2r + 1) and 2 s + 1 (2r + 8, 2r + 9): each {row g, row 8 + g} register
+    // pair is one 64-bit load of the paired table (half the loads of separate value and remainder products, the same
+    // number of products). s0: token g, s1: token 8 + g; c0 + c1 + c2 + c3 = (k_hi + k_lo)(q_hi + q_lo) of head r.
+    float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const uint2 k00 = keys.pair(keys.address(0, 2 * s)), k01 = keys.pair(keys.address(0, 2 * s + 1));
+      const uint2 k10 = keys.pair(keys.address(1, 2 * s)), k11 = keys.pair(keys.address(1, 2 * s + 1));
+      const uint2 q = *reinterpret_cast<const uint2*>(query_fragments + s * kFragmentStepBytes<KB, VB, true>);
+      mma_16816(s0, k00.x, k00.y, k01.x, k01.y, q.x, q.y);
+      mma_16816(s1, k10.x, k10.y, k11.x, k11.y, q.x, q.y);
+    }
+    if constexpr (Staged) tile.load_staged_rest(staged, g, r);  // value words and both norms
+    sc[0] = (s0[0] + s0[1]) + (s0[2] + s0[3]);
+    sc[1] = (s1[0] + s1[1]) + (s1[2] + s1[3]);
+  } else if constexpr (TokenRows) {
     // c0, c1 = token g, head r's value and remainder columns; c2, c3 = token 8 + g. The centroid and remainder
     // products accumulate in separate registers (two dependency chains instead of one).
     float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -1007,7 +1073,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   auto shared_m = reinterpret_cast<float (*)[G]>(statistics);
   auto shared_l = reinterpret_cast<float (*)[G]>(statistics + kSplitWarps * G * 4);
 
-  fill_pair_tables<KB, VB>(pair_tables, a.centroids);
+  fill_pair_tables<KB, VB, TokenRows>(pair_tables, a.centroids);
   // OR-addressed tables: the base ORed with the lane's copy offset; byte-addressed ones: the base alone
   const unsigned lane_bits = threadIdx.x & 31;
   const unsigned key_table = ByteTable<KB>::value ? shared_base + padding
