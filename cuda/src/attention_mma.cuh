@@ -574,6 +574,7 @@ struct MmaState {
   float m_own, m_a, m_b, l_own;
   int value_exponent;
   float inverse_value_scale;
+  float value_limit;  // 2^E (0 while E is kNoScale or 2^E subnormal): a norm v >= value_limit may raise E
   float acc[MmaShape<P>::kSteps][4];
 };
 
@@ -766,58 +767,69 @@ __device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, 
     sc[n] = tile.key_norm[n] == -INFINITY ? -INFINITY : sc[n] * (tile.key_norm[n] * query_scale);
   }
 
-  // the tile maximum of the lane's own head over its 16 tokens (token rows: the 8 lanes of column r; head rows: the
-  // quad), and of the accumulator heads 2r, 2r + 1 from their lanes (token rows: heads 4-7 are padding, lanes
-  // r = 2, 3 take heads 0 and 1's maxima for their padding columns), and of the value norms
+  // Lazy rescaling leaves most tiles' maxima and value scale as they are: the running maximum moves only when a score
+  // exceeds it by more than kRescaleThreshold, the value scale only when a norm reaches 2^E. So each lane checks its
+  // own scores and norms against them, and only when a lane of the warp finds one does the warp reduce the tile's
+  // maxima and update (the same decisions as reducing on every tile: no lane over the limits means no head's tile
+  // maximum over them). Most tiles then take a vote instead of the seven shuffles of the reductions.
   const float* const vn = tile.value_norm;
-  float tile_max = fmaxf(sc[0], sc[1]), value_max = fmaxf(vn[0], vn[1]);
+  float lane_max = fmaxf(sc[0], sc[1]), lane_value_max = fmaxf(vn[0], vn[1]);
   if constexpr (N == 4) {
-    tile_max = fmaxf(tile_max, fmaxf(sc[N - 2], sc[N - 1]));
-    value_max = fmaxf(value_max, fmaxf(vn[N - 2], vn[N - 1]));
+    lane_max = fmaxf(lane_max, fmaxf(sc[N - 2], sc[N - 1]));
+    lane_value_max = fmaxf(lane_value_max, fmaxf(vn[N - 2], vn[N - 1]));
   }
-  using Own = OwnHead<TokenRows>;
+  if (__any_sync(kFullMask, lane_max > st.m_own + kRescaleThreshold ||
+                                (lane_value_max > 0.0f && lane_value_max >= st.value_limit))) {
+    // the tile maximum of the lane's own head over its 16 tokens (token rows: the 8 lanes of column r; head rows:
+    // the quad), and of the accumulator heads 2r, 2r + 1 from their lanes (token rows: heads 4-7 are padding, lanes
+    // r = 2, 3 take heads 0 and 1's maxima for their padding columns), and of the value norms
+    float tile_max = lane_max, value_max = lane_value_max;
+    using Own = OwnHead<TokenRows>;
 #pragma unroll
-  for (int x = Own::kFirstXor; x < Own::kEndXor; x *= 2) {
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, x));
-  }
-  const int lane_a = TokenRows ? 4 * g + ((2 * r) & 3) : 8 * r, lane_b = lane_a + (TokenRows ? 1 : 4);
-  const float max_a = __shfl_sync(kFullMask, tile_max, lane_a), max_b = __shfl_sync(kFullMask, tile_max, lane_b);
-#pragma unroll
-  for (int x = Own::kFirstXor; x < Own::kEndXor; x *= 2) {
-    value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, x));
-  }
-  // value_max is warp-uniform: the tile's 16 tokens
-
-  if (tile_max > st.m_own + kRescaleThreshold) {
-    st.l_own *= fast_exp2(st.m_own - tile_max);  // 0 while m_own is -inf
-    st.m_own = tile_max;
-  }
-  float correction_a = 1.0f, correction_b = 1.0f;
-  if (max_a > st.m_a + kRescaleThreshold) {
-    correction_a = fast_exp2(st.m_a - max_a);
-    st.m_a = max_a;
-  }
-  if (max_b > st.m_b + kRescaleThreshold) {
-    correction_b = fast_exp2(st.m_b - max_b);
-    st.m_b = max_b;
-  }
-  if (value_max > 0.0f) {
-    const int e = exponent_bound(value_max);
-    if (e > st.value_exponent) {  // warp-uniform
-      const float shrink = st.value_exponent == kNoScale ? 0.0f : power_of_two(st.value_exponent - e);
-      correction_a *= shrink;
-      correction_b *= shrink;
-      st.value_exponent = e;
-      st.inverse_value_scale = power_of_two(-e);
+    for (int x = Own::kFirstXor; x < Own::kEndXor; x *= 2) {
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, x));
     }
-  }
-  if (__any_sync(kFullMask, correction_a != 1.0f || correction_b != 1.0f)) {
+    const int lane_a = TokenRows ? 4 * g + ((2 * r) & 3) : 8 * r, lane_b = lane_a + (TokenRows ? 1 : 4);
+    const float max_a = __shfl_sync(kFullMask, tile_max, lane_a), max_b = __shfl_sync(kFullMask, tile_max, lane_b);
 #pragma unroll
-    for (int i = 0; i < S; ++i) {
-      st.acc[i][0] *= correction_a;
-      st.acc[i][1] *= correction_b;
-      st.acc[i][2] *= correction_a;
-      st.acc[i][3] *= correction_b;
+    for (int x = Own::kFirstXor; x < Own::kEndXor; x *= 2) {
+      value_max = fmaxf(value_max, __shfl_xor_sync(kFullMask, value_max, x));
+    }
+    // value_max is warp-uniform: the tile's 16 tokens
+
+    if (tile_max > st.m_own + kRescaleThreshold) {
+      st.l_own *= fast_exp2(st.m_own - tile_max);  // 0 while m_own is -inf
+      st.m_own = tile_max;
+    }
+    float correction_a = 1.0f, correction_b = 1.0f;
+    if (max_a > st.m_a + kRescaleThreshold) {
+      correction_a = fast_exp2(st.m_a - max_a);
+      st.m_a = max_a;
+    }
+    if (max_b > st.m_b + kRescaleThreshold) {
+      correction_b = fast_exp2(st.m_b - max_b);
+      st.m_b = max_b;
+    }
+    if (value_max > 0.0f) {
+      const int e = exponent_bound(value_max);
+      if (e > st.value_exponent) {  // warp-uniform
+        const float shrink = st.value_exponent == kNoScale ? 0.0f : power_of_two(st.value_exponent - e);
+        correction_a *= shrink;
+        correction_b *= shrink;
+        st.value_exponent = e;
+        st.inverse_value_scale = power_of_two(-e);
+        // e > E exactly when a norm v >= 2^E, for 2^E normal; below that, every positive norm takes this path
+        st.value_limit = e < -125 ? 0.0f : power_of_two(e);
+      }
+    }
+    if (__any_sync(kFullMask, correction_a != 1.0f || correction_b != 1.0f)) {
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        st.acc[i][0] *= correction_a;
+        st.acc[i][1] *= correction_b;
+        st.acc[i][2] *= correction_a;
+        st.acc[i][3] *= correction_b;
+      }
     }
   }
   float w[N];
@@ -1180,6 +1192,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   st.l_own = 0.0f;
   st.value_exponent = kNoScale;
   st.inverse_value_scale = 0.0f;
+  st.value_limit = 0.0f;
 #pragma unroll
   for (int i = 0; i < S; ++i) st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.0f;
 
