@@ -697,11 +697,20 @@ struct ValueLookup<P, VB, true, ByteAddressed> {
 
 // The scores of a tile and its softmax bookkeeping up to the weights: the value product's B operand p01 (head g at
 // tokens 2r, 2r + 1) and p23 (8 + 2r, 9 + 2r) as half2, weights p n_v 2^-E. Token rows: lane (g, r) scores head r.
+// Token rows: the query fragments of the score product (its B operand, 8 bytes per k-step) in registers for the whole
+// tile loop, loaded once from shared memory after warp 0 wrote them: 2 P / 16 registers, which token rows have to
+// spare at d = 128 (no spills with 3- or 2-bit keys, ~20 bytes with 4-bit keys), instead of one 64-bit shared load
+// (two wavefronts) per k-step and tile. Head rows (16 bytes per k-step) keep reading them from shared memory.
+template <int P>
+struct QueryRegisters {
+  uint2 q[MmaShape<P>::kSteps];
+};
+
 template <int P, int KB, int VB, bool TokenRows, bool Staged>
 __device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, const std::uint8_t* staged,
-                                           const unsigned char* query_fragments, float query_scale,
-                                           unsigned key_table, int lane, MmaState<P>& st, unsigned& p01,
-                                           unsigned& p23) {
+                                           const unsigned char* query_fragments, const QueryRegisters<P>& qr,
+                                           float query_scale, unsigned key_table, int lane, MmaState<P>& st,
+                                           unsigned& p01, unsigned& p23) {
   constexpr int S = MmaShape<P>::kSteps;
   constexpr int N = MmaTile<P, KB, VB, TokenRows>::kNorms;  // scores per lane
   const int g = lane >> 2, r = lane & 3;
@@ -717,7 +726,7 @@ __device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, 
     for (int s = 0; s < S; ++s) {
       const uint2 k00 = keys.pair(keys.address(0, 2 * s)), k01 = keys.pair(keys.address(0, 2 * s + 1));
       const uint2 k10 = keys.pair(keys.address(1, 2 * s)), k11 = keys.pair(keys.address(1, 2 * s + 1));
-      const uint2 q = *reinterpret_cast<const uint2*>(query_fragments + s * kFragmentStepBytes<KB, VB, true>);
+      const uint2 q = qr.q[s];
       mma_16816(s0, k00.x, k00.y, k01.x, k01.y, q.x, q.y);
       mma_16816(s1, k10.x, k10.y, k11.x, k11.y, q.x, q.y);
     }
@@ -733,7 +742,7 @@ __device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, 
       // A rows g, 8 + g: tokens g and 8 + g at pairs 2 s (k-slots 2r, 2r + 1) and 2 s + 1 (2r + 8, 2r + 9)
       const unsigned e00 = keys.address(0, 2 * s), e01 = keys.address(0, 2 * s + 1);
       const unsigned e10 = keys.address(1, 2 * s), e11 = keys.address(1, 2 * s + 1);
-      const uint2 q = *reinterpret_cast<const uint2*>(query_fragments + s * kFragmentStepBytes<KB, VB, true>);
+      const uint2 q = qr.q[s];
       mma_16816(s0, shared_word(e00), shared_word(e10), shared_word(e01), shared_word(e11), q.x, q.y);
       mma_16816(s1, keys.remainder(e00), keys.remainder(e10), keys.remainder(e01), keys.remainder(e11), q.x, q.y);
     }
@@ -855,11 +864,12 @@ __device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, 
 
 template <int P, int KB, int VB, bool TokenRows, bool Staged>
 __device__ __forceinline__ void mma_tile_step(MmaTile<P, KB, VB, TokenRows>& tile, const std::uint8_t* staged,
-                                              const unsigned char* query_fragments, float query_scale,
+                                              const unsigned char* query_fragments, const QueryRegisters<P>& qr,
+                                              float query_scale,
                                               unsigned key_table, unsigned value_table, int lane, MmaState<P>& st) {
   constexpr int S = MmaShape<P>::kSteps;
   unsigned p01, p23;
-  mma_scores<P, KB, VB, TokenRows, Staged>(tile, staged, query_fragments, query_scale, key_table, lane, st, p01,
+  mma_scores<P, KB, VB, TokenRows, Staged>(tile, staged, query_fragments, qr, query_scale, key_table, lane, st, p01,
                                            p23);
   // value product: A = V^T (rows: this lane's coordinates 2i, 2i + 1 of its slice; k: the tokens)
   const ValueLookup<P, VB, Planes<VB>::kSecond, CompactLayout<KB, VB>::value> values(tile.value, value_table, lane);
@@ -1187,6 +1197,13 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   }
   __syncthreads();
 
+  QueryRegisters<P> qr;  // token rows (below); unused with head rows
+  if constexpr (TokenRows) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      qr.q[s] = *reinterpret_cast<const uint2*>(query_fragments + s * kFragmentStepBytes<KB, VB, true>);
+    }
+  }
   MmaState<P> st;
   st.m_own = st.m_a = st.m_b = -INFINITY;
   st.l_own = 0.0f;
@@ -1232,11 +1249,11 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
         parity_bits ^= 1u << slot;
         staged = shared_bytes + (slot_address(slot) - shared_base);
         tile.load_staged_keys(staged, g, r);
-        mma_tile_step<P, KB, VB, TokenRows, true>(tile, staged, query_fragments, query_scale, key_table, value_table,
+        mma_tile_step<P, KB, VB, TokenRows, true>(tile, staged, query_fragments, qr, query_scale, key_table, value_table,
                                                   lane, st);
       } else {
         tile.load(a, b, h, base, end, g, r);
-        mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, query_scale, key_table,
+        mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, qr, query_scale, key_table,
                                                    value_table, lane, st);
       }
       // the slot's words are consumed (every lane's reads precede lane 0's next bulk copy into it)
@@ -1260,7 +1277,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     for (int base = begin + warp * kTileTokens; base < end; base += kStride) {
       Tile tile;
       tile.load(a, b, h, base, end, g, r);
-      mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, query_scale, key_table, value_table,
+      mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, qr, query_scale, key_table, value_table,
                                                  lane, st);
     }
   }

@@ -76,7 +76,7 @@ class Case:
 
     def __init__(self, batch=2, kv_heads=2, group=4, dim=128, tokens=300, key_bits=4, value_bits=3,
                  rotation="hadamard", window=16, sinks=4, center_values=True, key_channel_scaling=0.5,
-                 norm_dtype="float16", seed=7, real=None, value_scale=1.0):
+                 norm_dtype="float16", seed=7, real=None, value_scale=1.0, key_ramp=None, value_ramp=None):
         import torch
         rng = np.random.default_rng(seed)
         self.cache = KVCache(1, kv_heads, dim, key_bits=key_bits, value_bits=value_bits, rotation=rotation,
@@ -84,6 +84,10 @@ class Case:
                              key_channel_scaling=key_channel_scaling, norm_dtype=norm_dtype, seed=seed)
         k, v = _keys_values(rng, batch, kv_heads, tokens, dim, real)
         v = (v * np.float32(value_scale)).astype(np.float32)
+        if key_ramp is not None:  # per-token factors (tokens,)
+            k = (k * np.asarray(key_ramp, np.float32)[None, None, :, None]).astype(np.float32)
+        if value_ramp is not None:
+            v = (v * np.asarray(value_ramp, np.float32)[None, None, :, None]).astype(np.float32)
         batch = k.shape[0]
         self.batch, self.kv_heads, self.group, self.dim = batch, kv_heads, group, dim
         self.cache.append(0, k, v)
@@ -392,6 +396,26 @@ def test_long_splits_match_cpu(block_size, key_bits, value_bits, group):
     _close(contiguous, case.reference(q), "float16")
     if block_size is not None:
         assert torch.equal(case.run(q, **_paged(case, block_size, rng)), contiguous)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("key_bits,value_bits,group", [(3, 3, 4), (2, 2, 4), (4, 3, 8)])
+def test_running_maximum_and_value_scale_move_within_splits(key_bits, value_bits, group):
+    """Key norms growing 150-fold and value norms 1000-fold along long splits: the running softmax maximum moves by
+    more than the rescale threshold inside single tiles, at different tiles for different heads, and the value scale
+    rises about ten times per split. The kernel reduces a tile's maxima only when some lane finds a score or a norm
+    over the running limits; a missed move would leave fp16 weights far above 2^8 (overflow, or lost precision)."""
+    import torch
+    rng = np.random.default_rng(29)
+    tokens = 6000
+    ramp = np.linspace(0.0, 1.0, tokens)
+    case = Case(batch=4, kv_heads=8, group=group, tokens=tokens, key_bits=key_bits, value_bits=value_bits,
+                key_ramp=np.exp(5.0 * ramp), value_ramp=np.exp2(10.0 * ramp))
+    splits = case.attention.num_splits(case.batch, case.kv_heads * case.group, case.n_codes)
+    assert case.n_codes / splits >= 4 * 64, f"{splits} splits of {case.n_codes} codes: too short for this test"
+    q = case.queries(rng, torch.float16)
+    out = case.run(q, out_dtype=torch.float32)
+    _close(out, case.reference(q), "float16")
 
 
 def _paged(case, block_size, rng):
