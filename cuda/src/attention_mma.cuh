@@ -29,8 +29,10 @@
 //
 // Numerics: queries are scaled per head by a power of two to |q| < 1 and split into an fp16 value and its fp16
 // remainder (token rows: two B columns; head rows: A rows 8-15, otherwise padding: the split costs no extra product).
-// Key centroids likewise: a second pair table holds their fp16 remainders, read at the same address plus an offset,
-// and a second product with the same query operand adds them, so the scores carry ~22-bit operands; they are
+// Key centroids likewise: head rows read their fp16 remainders from a second pair table (same address plus an
+// offset) into a second product with the same query operand; token rows take them as A rows 8 + g of the product
+// whose rows g are the centroids, from a paired table (one 64-bit load per pair, mma_scores). Either way the scores
+// carry ~22-bit operands; they are
 // accumulated in fp32 and multiplied by the key norm and the power of two in fp32. Value centroids and the softmax
 // weights are fp16. Value norms are folded into the weights as p * n_t * 2^-E, with 2^E a running power-of-two bound
 // of the value norms seen (rescaled lazily like the softmax maximum), so the fp16 weights stay <= 2^9 for any norm;
@@ -884,7 +886,7 @@ __device__ __forceinline__ void mma_tile_step(MmaTile<P, KB, VB, TokenRows>& til
 // ---- tile staging (sm_90 bulk copies) ----------------------------------------------------------------
 // A warp's tiles come through a ring of two shared-memory slots: while it computes tile k, tile k + 1 is in flight
 // as bulk asynchronous copies (cp.async.bulk, one per array: key rows, value rows, key norms, value norms) that
-// complete on the slot's mbarrier; lane 0 refills the slot with tile k + 2 once tile k's words are consumed. The
+// complete on the slot's mbarrier; one elected lane refills the slot with tile k + 2 once tile k's words are consumed. The
 // global-load latency then overlaps the previous tile's work without prefetch registers. A tile is staged when it is
 // whole, unmasked, contiguous (contiguous layout or pages of >= 16 tokens), has fp16 norms and 16-byte aligned
 // sources; otherwise the warp loads it directly (MmaTile::load) as before.
@@ -893,8 +895,8 @@ __device__ __forceinline__ void barrier_init(unsigned barrier) {
 }
 
 // The transaction count and the four bulk copies of one staged tile in one asm statement (slot offsets and sizes as
-// immediates). ptxas still moves each copy's operands to uniform registers in an elect loop of its own: about 10
-// instructions per copy, executed by lane 0 with the whole warp's issue slots.
+// immediates). Issued in an elect_one_sync() branch with warp-uniform operands (split_mma_kernel), so ptxas takes
+// them from uniform registers without an elect loop per copy.
 template <int KeyBytes, int ValueBytes, int ValuesAt, int KeyNormsAt, int ValueNormsAt, int TotalBytes>
 __device__ __forceinline__ void bulk_copy_tile(unsigned slot, unsigned barrier, const void* keys, const void* values,
                                                const void* key_norms, const void* value_norms) {
@@ -1012,7 +1014,7 @@ __device__ __forceinline__ TileSources tile_sources(const KernelArgs& a, int b, 
           a.value_norms + row0 * 2};
 }
 
-// Lane 0 issues the bulk copies of the tile at `sources` into the slot at shared address `slot`.
+// One lane (elect_one_sync) issues the bulk copies of the tile at `sources` into the slot at shared address `slot`.
 template <int P, int KB, int VB>
 __device__ __forceinline__ void stage_tile(const TileSources& sources, unsigned slot, unsigned barrier) {
   using Tile = TileBytes<P, KB, VB>;
@@ -1256,7 +1258,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
         mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, qr, query_scale, key_table,
                                                    value_table, lane, st);
       }
-      // the slot's words are consumed (every lane's reads precede lane 0's next bulk copy into it)
+      // the slot's words are consumed (every lane's reads precede the elected lane's next bulk copy into it)
       staged_bits &= ~(1u << slot);
       const int next = base + 2 * kStride;
       if (stageable && next + kTileTokens <= end) {
