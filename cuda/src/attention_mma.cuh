@@ -697,8 +697,6 @@ struct ValueLookup<P, VB, true, ByteAddressed> {
   }
 };
 
-// The scores of a tile and its softmax bookkeeping up to the weights: the value product's B operand p01 (head g at
-// tokens 2r, 2r + 1) and p23 (8 + 2r, 9 + 2r) as half2, weights p n_v 2^-E. Token rows: lane (g, r) scores head r.
 // Token rows: the query fragments of the score product (its B operand, 8 bytes per k-step) in registers for the whole
 // tile loop, loaded once from shared memory after warp 0 wrote them: 2 P / 16 registers, which token rows have to
 // spare at d = 128 (no spills with 3- or 2-bit keys, ~20 bytes with 4-bit keys), instead of one 64-bit shared load
@@ -707,6 +705,9 @@ template <int P>
 struct QueryRegisters {
   uint2 q[MmaShape<P>::kSteps];
 };
+
+// The scores of a tile and its softmax bookkeeping up to the weights: the value product's B operand p01 (head g at
+// tokens 2r, 2r + 1) and p23 (8 + 2r, 9 + 2r) as half2, weights p n_v 2^-E. Token rows: lane (g, r) scores head r.
 
 template <int P, int KB, int VB, bool TokenRows, bool Staged>
 __device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, const std::uint8_t* staged,
@@ -867,8 +868,8 @@ __device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, 
 template <int P, int KB, int VB, bool TokenRows, bool Staged>
 __device__ __forceinline__ void mma_tile_step(MmaTile<P, KB, VB, TokenRows>& tile, const std::uint8_t* staged,
                                               const unsigned char* query_fragments, const QueryRegisters<P>& qr,
-                                              float query_scale,
-                                              unsigned key_table, unsigned value_table, int lane, MmaState<P>& st) {
+                                              float query_scale, unsigned key_table, unsigned value_table, int lane,
+                                              MmaState<P>& st) {
   constexpr int S = MmaShape<P>::kSteps;
   unsigned p01, p23;
   mma_scores<P, KB, VB, TokenRows, Staged>(tile, staged, query_fragments, qr, query_scale, key_table, lane, st, p01,
@@ -886,8 +887,8 @@ __device__ __forceinline__ void mma_tile_step(MmaTile<P, KB, VB, TokenRows>& til
 // ---- tile staging (sm_90 bulk copies) ----------------------------------------------------------------
 // A warp's tiles come through a ring of two shared-memory slots: while it computes tile k, tile k + 1 is in flight
 // as bulk asynchronous copies (cp.async.bulk, one per array: key rows, value rows, key norms, value norms) that
-// complete on the slot's mbarrier; one elected lane refills the slot with tile k + 2 once tile k's words are consumed. The
-// global-load latency then overlaps the previous tile's work without prefetch registers. A tile is staged when it is
+// complete on the slot's mbarrier; one elected lane refills the slot with tile k + 2 once tile k's words are consumed.
+// The global-load latency then overlaps the previous tile's work without prefetch registers. A tile is staged when it is
 // whole, unmasked, contiguous (contiguous layout or pages of >= 16 tokens), has fp16 norms and 16-byte aligned
 // sources; otherwise the warp loads it directly (MmaTile::load) as before.
 __device__ __forceinline__ void barrier_init(unsigned barrier) {
@@ -1027,15 +1028,19 @@ __device__ __forceinline__ void stage_tile(const TileSources& sources, unsigned 
 
 // Contiguous layout: the sources of a warp's next tile to stage, advanced by the warps' tile stride per copy. Kept
 // warp-uniform (it derives from the kernel arguments, the block index, the broadcast warp index and the broadcast
-// length only), so ptxas holds it in uniform registers and the copies take it without moving it there.
+// length only), so ptxas holds it in uniform registers and the copies take it without moving it there. Advanced as
+// addresses (integers): past the last tile, and from the empty cursor of a paged layout, it is never dereferenced.
 template <int P, int KB, int VB>
 __device__ __forceinline__ void advance_sources(TileSources& sources) {
   using Tile = TileBytes<P, KB, VB>;
-  constexpr int kRows = kSplitWarps * kTileTokens;
-  sources.keys += kRows * Tile::kKeyBytes;
-  sources.values += kRows * Tile::kValueBytes;
-  sources.key_norms += kRows * 2;
-  sources.value_norms += kRows * 2;
+  constexpr std::uintptr_t kRows = kSplitWarps * kTileTokens;
+  const auto advance = [](const std::uint8_t*& p, std::uintptr_t bytes) {
+    p = reinterpret_cast<const std::uint8_t*>(reinterpret_cast<std::uintptr_t>(p) + bytes);
+  };
+  advance(sources.keys, kRows * Tile::kKeyBytes);
+  advance(sources.values, kRows * Tile::kValueBytes);
+  advance(sources.key_norms, kRows * 2);
+  advance(sources.value_norms, kRows * 2);
 }
 
 // One lane of a converged warp (elect.sync): ptxas knows that exactly one thread runs the branch, so the bulk copies
@@ -1251,8 +1256,8 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
         parity_bits ^= 1u << slot;
         staged = shared_bytes + (slot_address(slot) - shared_base);
         tile.load_staged_keys(staged, g, r);
-        mma_tile_step<P, KB, VB, TokenRows, true>(tile, staged, query_fragments, qr, query_scale, key_table, value_table,
-                                                  lane, st);
+        mma_tile_step<P, KB, VB, TokenRows, true>(tile, staged, query_fragments, qr, query_scale, key_table,
+                                                  value_table, lane, st);
       } else {
         tile.load(a, b, h, base, end, g, r);
         mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, qr, query_scale, key_table,
@@ -1279,8 +1284,8 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     for (int base = begin + warp * kTileTokens; base < end; base += kStride) {
       Tile tile;
       tile.load(a, b, h, base, end, g, r);
-      mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, qr, query_scale, key_table, value_table,
-                                                 lane, st);
+      mma_tile_step<P, KB, VB, TokenRows, false>(tile, nullptr, query_fragments, qr, query_scale, key_table,
+                                                 value_table, lane, st);
     }
   }
 
