@@ -3,7 +3,7 @@
 # `git archive REV` unpacked to old_tree/ (ignored; carried with the call), installed to /tmp/old in the environment
 # of gpu_env.sh; the working tree is built and installed as in gpu_build.sh (SKIP_BUILD=1 reuses an installed one).
 # Each argument is one argument list of benchmarks/bench_attention.py, run for the old then the new build.
-# Output: $OUT/ab_attention.txt. TESTS=1 then runs the attention tests on the new build ($OUT/attention_tests.log).
+# Output: $OUT/ab_attention.txt (TIMELINE=1 adds benchmarks/attention_timeline.py, TIMELINE_ARGS, for both). TESTS=1 then runs the attention tests on the new build ($OUT/attention_tests.log).
 #   git archive REV | tar -x -C old_tree;  OUT=$OUT bash benchmarks/gpu_ab_attention.sh "--batches 32 --bits 3/3"
 set -uo pipefail
 if [ ! -d old_tree ]; then
@@ -34,6 +34,15 @@ for args in "$@"; do
     timeout "${BENCH_TIMEOUT:-150}" python3 "$REPO/benchmarks/bench_attention.py" $args | tail -n +4
   } >> "$OUT/ab_attention.txt" 2>&1
 done
+if [ -n "${TIMELINE:-}" ]; then  # the launches' durations and gaps (benchmarks/attention_timeline.py), old then new
+  # shellcheck disable=SC2086
+  {
+    echo "== old timeline"
+    PYTHONPATH="/tmp/old:${PYTHONPATH:-}" timeout 120 python3 "$REPO/benchmarks/attention_timeline.py" ${TIMELINE_ARGS:-} 2>&1 | grep -v -i warn
+    echo "== new timeline"
+    timeout 120 python3 "$REPO/benchmarks/attention_timeline.py" ${TIMELINE_ARGS:-} 2>&1 | grep -v -i warn
+  } >> "$OUT/ab_attention.txt" 2>&1
+fi
 cat "$OUT/ab_attention.txt"
 if [ -n "${TESTS:-}" ]; then
   timeout "${CUDA_TESTS_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --maxfail=20 --tb=short \

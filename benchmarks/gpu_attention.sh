@@ -2,7 +2,7 @@
 # Device script of the fused decode attention (issue 6): build with CUDA sm_90, the attention tests,
 # benchmarks/bench_attention.py, optionally ncu on one shape and compute-sanitizer memcheck / racecheck on a small
 # script. Logs go to $OUT: build.log  attention_tests.log  bench_attention.txt  ncu_attention.txt  memcheck.log ...
-# Stages: SKIP_TESTS=1 SKIP_BENCH=1 PROFILE=1 STALLS=1 SOURCE=1 DURATIONS=1 SASS=1 SANITIZE=1; BENCH_ARGS / PYTEST_ARGS / EXTRA_TESTS
+# Stages: SKIP_TESTS=1 SKIP_BENCH=1 TIMELINE=1 PROFILE=1 STALLS=1 SOURCE=1 DURATIONS=1 SASS=1 SANITIZE=1; BENCH_ARGS / PYTEST_ARGS / EXTRA_TESTS
 # / SANITIZE_ARGS ("batch context" of the sanitized script) / SANITIZE_TIMEOUT pass options.
 set -euo pipefail
 
@@ -21,6 +21,12 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 "$REPO/benchmarks/bench_attention.py" ${BENCH_ARGS:-} \
     > "$OUT/bench_attention.txt" 2>&1
   note "bench exit: $?"
+fi
+
+if [ -n "${TIMELINE:-}" ]; then  # the launches' durations and gaps at real clocks (CUPTI trace)
+  timeout "${TIMELINE_TIMEOUT:-120}" python3 "$REPO/benchmarks/attention_timeline.py" ${TIMELINE_ARGS:-} \
+    > "$OUT/timeline.txt" 2>&1
+  note "timeline exit: $?"
 fi
 
 cat > /tmp/rq_attention_small.py <<'PY'
@@ -61,14 +67,17 @@ if [ -n "${PROFILE:-}" ]; then
   fi
 fi
 
-# One call per K/V bit pair given as arguments ("3/3"), GQA 4, B = 32, 8K tokens (STALLS and SOURCE profile it).
+# One call per K/V bit pair given as arguments ("3/3"), GQA 4, B = 32, 8K tokens or STALL_SHAPE ("1 4096"; STALLS and
+# SOURCE profile it), STALL_CALLS times; NCU_FLAGS adds ncu options, e.g. "--cache-control none --launch-skip 2".
 cat > /tmp/rq_attention_one.py <<'PY'
+import os
 import sys
 import torch
 import rotorquant as rq
 
 device = torch.device("cuda", 0)
-batch, context, group = 32, 8192, 4
+batch, context = (int(x) for x in os.environ.get("STALL_SHAPE", "32 8192").split())
+group = 4
 for pair in sys.argv[1:]:
     kb, vb = (int(x) for x in pair.split("/"))
     kq = [rq.Quantizer(128, kb, rotation="hadamard", seed=h) for h in range(8)]
@@ -79,7 +88,8 @@ for pair in sys.argv[1:]:
     norms = (torch.rand(batch, 8, context, device=device) + 1).half().view(torch.uint8).view(batch, 8, context, 2)
     lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
     q = torch.randn(batch, 8 * group, 128, device=device, dtype=torch.float16)
-    out = att(q, ki, norms, vi, norms, lengths)
+    for _ in range(int(os.environ.get("STALL_CALLS", "1"))):  # with ncu --launch-skip: a warm call
+        out = att(q, ki, norms, vi, norms, lengths)
     torch.cuda.synchronize()
     print(pair, float(out.float().abs().mean()), flush=True)
 PY
@@ -98,7 +108,7 @@ if [ -n "${STALLS:-}" ]; then  # stall reasons and shared-memory wavefronts of t
   metrics="$metrics,launch__occupancy_limit_shared_mem,launch__occupancy_limit_registers,launch__shared_mem_per_block_dynamic"
   for reason in $reasons; do metrics="$metrics,smsp__average_warps_issue_stalled_${reason}_per_issue_active.ratio"; done
   if [ -n "$NCU" ]; then
-    timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --metrics "$metrics" -k regex:"split_mma" \
+    timeout "${PROFILE_TIMEOUT:-150}" "$NCU" ${NCU_FLAGS:-} --metrics "$metrics" -k regex:"split_mma" \
       python3 /tmp/rq_attention_one.py ${STALL_BITS:-3/3} > "$OUT/ncu_stalls.txt" 2>&1
     note "ncu stalls exit: $?"
   fi
@@ -107,7 +117,7 @@ fi
 if [ -n "${SOURCE:-}" ]; then  # warp-state samples per SASS instruction of one split_mma launch (K/V from STALL_BITS)
   NCU="$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)"
   if [ -n "$NCU" ]; then
-    timeout "${PROFILE_TIMEOUT:-150}" "$NCU" --section SourceCounters --section WarpStateStats -k regex:"split_mma" -c 1 \
+    timeout "${PROFILE_TIMEOUT:-150}" "$NCU" ${NCU_FLAGS:-} --section SourceCounters --section WarpStateStats -k regex:"split_mma" -c 1 \
       -f -o /tmp/rq_source python3 /tmp/rq_attention_one.py ${STALL_BITS:-3/3} > "$OUT/ncu_source.log" 2>&1
     note "ncu source exit: $?"
     "$NCU" --import /tmp/rq_source.ncu-rep --page source --csv --print-source sass > "$OUT/source_sass.csv" 2>&1

@@ -1,9 +1,9 @@
 // DeviceDecodeAttention (attention.hpp): per-head rotation data and centroids on a CUDA device, argument checks
-// and the three launches of attention_kernels.cuh (prepare, split, combine).
+// and the three launches of attention_kernels.cuh (prepare, split, combine); the split launches are compiled per
+// (head_dim, key bits) in attention_split.cu.
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -11,9 +11,9 @@
 #include <vector>
 
 #include "attention_kernels.cuh"
+#include "attention_launch.cuh"
 #include "attention_mma.cuh"
 #include "check.cuh"
-#include "resident_blocks.hpp"
 #include "rotorquant/cuda/attention.hpp"
 #include "rotorquant/decode_attention.hpp"
 #include "rotorquant/error.hpp"
@@ -59,26 +59,6 @@ int combine_parts(std::int64_t splits) {
   return parts;
 }
 
-// Programmatic dependent launch (sm_90): the kernel may start while the previous one in the stream finishes; it waits
-// for that kernel's results with griddepcontrol.wait where it first reads them (split_mma_kernel: the rotated
-// queries, after its pair tables; combine_kernel: the partials, at once). Captured into CUDA graphs as programmatic
-// edges.
-template <typename... Params, typename... Args>
-void launch_dependent(void (*kernel)(Params...), dim3 grid, unsigned threads, std::size_t shared, cudaStream_t stream,
-                      Args... args) {
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = shared;
-  config.stream = stream;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  ROTORQUANT_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...), kContext);
-}
-
 int heads_per_block(std::int64_t group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
 
 std::size_t aligned(std::size_t bytes) { return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment; }
@@ -98,67 +78,22 @@ WorkspaceLayout workspace_layout(std::int64_t rows, std::int64_t dim, std::int64
   return layout;
 }
 
-// ---- dispatch: P x heads per block x key bits x value bits ---------------------------------------
-
-// float16 / bfloat16 queries: the code splits on tensor cores (attention_mma.cuh) and, when there is a full-precision
-// window, its slot (split == num_splits) on the SIMT kernel in a second launch; float32 queries: the SIMT kernel for
-// every slot (its float32 products keep the 1e-4 contract of float32 outputs).
-template <int P, int G, int KB, int VB>
-void launch_split(const attention::KernelArgs& a, dim3 grid, cudaStream_t stream) {
-  if (a.queries_dtype == attention::kF32) {
-    attention::split_kernel<P, G, KB, VB><<<grid, attention::kSplitWarps * 32, 0, stream>>>(a);
-    return;
-  }
-  constexpr bool kTokenRows = G <= 4;  // the score product's layout (attention_mma.cuh)
-  auto kernel = attention::split_mma_kernel<P, KB, VB, kTokenRows>;
-  constexpr int kShared = attention::SplitMmaShared<P, KB, VB, kTokenRows>::kBytes;
-  if constexpr (kShared > 48 * 1024) {  // raises the kernel's dynamic shared-memory limit, once per device
-    static std::atomic<int> cache[kCachedDevices] = {};
-    resident_blocks(kernel, attention::kSplitWarps * 32, kShared, 1, cache);
-  }
-  launch_dependent(kernel, dim3(grid.x - 1, grid.y, grid.z), attention::kSplitWarps * 32, kShared, stream, a);
-  if (a.fp_lengths) {
-    attention::KernelArgs window = a;
-    window.split_offset = a.num_splits;
-    attention::split_kernel<P, G, KB, VB><<<dim3(1, grid.y, grid.z), attention::kSplitWarps * 32, 0, stream>>>(window);
-  }
-}
-
-template <int P, int G, int KB>
-void dispatch_value_bits(int value_bits, const attention::KernelArgs& a, dim3 grid, cudaStream_t stream) {
-  switch (value_bits) {
-    case 2: return launch_split<P, G, KB, 2>(a, grid, stream);
-    case 3: return launch_split<P, G, KB, 3>(a, grid, stream);
-    case 4: return launch_split<P, G, KB, 4>(a, grid, stream);
-    default: throw ValueError(expected_got(std::string(kContext) + ": value bits", "2, 3 or 4", std::to_string(value_bits)));
-  }
-}
-
-template <int P, int G>
-void dispatch_key_bits(int key_bits, int value_bits, const attention::KernelArgs& a, dim3 grid, cudaStream_t stream) {
-  switch (key_bits) {
-    case 2: return dispatch_value_bits<P, G, 2>(value_bits, a, grid, stream);
-    case 3: return dispatch_value_bits<P, G, 3>(value_bits, a, grid, stream);
-    case 4: return dispatch_value_bits<P, G, 4>(value_bits, a, grid, stream);
-    default: throw ValueError(expected_got(std::string(kContext) + ": key bits", "2, 3 or 4", std::to_string(key_bits)));
-  }
-}
+// ---- dispatch: P, then key bits (one translation unit each: attention_split.cu) ---------------------
 
 template <int P>
 void dispatch_heads(int heads, int key_bits, int value_bits, const attention::KernelArgs& a, dim3 grid,
                     std::int64_t rows, cudaStream_t stream) {
   const unsigned row_blocks = static_cast<unsigned>((rows + attention::kRowWarps - 1) / attention::kRowWarps);
   attention::prepare_queries_kernel<P><<<row_blocks, attention::kRowWarps * 32, 0, stream>>>(a);
-  switch (heads) {
-    case 1: dispatch_key_bits<P, 1>(key_bits, value_bits, a, grid, stream); break;
-    case 2: dispatch_key_bits<P, 2>(key_bits, value_bits, a, grid, stream); break;
-    case 4: dispatch_key_bits<P, 4>(key_bits, value_bits, a, grid, stream); break;
-    case 8: dispatch_key_bits<P, 8>(key_bits, value_bits, a, grid, stream); break;
-    default: throw ValueError(expected_got(std::string(kContext) + ": heads per block", "1, 2, 4 or 8", std::to_string(heads)));
+  switch (key_bits) {
+    case 2: attention::launch_splits<P, 2>(heads, value_bits, a, grid, stream); break;
+    case 3: attention::launch_splits<P, 3>(heads, value_bits, a, grid, stream); break;
+    case 4: attention::launch_splits<P, 4>(heads, value_bits, a, grid, stream); break;
+    default: throw ValueError(expected_got(std::string(kContext) + ": key bits", "2, 3 or 4", std::to_string(key_bits)));
   }
   const int rows_per_combine_block = attention::kCombineWarps / a.combine_parts;
   const unsigned combine_blocks = static_cast<unsigned>((rows + rows_per_combine_block - 1) / rows_per_combine_block);
-  launch_dependent(attention::combine_kernel<P>, dim3(combine_blocks), attention::kCombineWarps * 32, 0, stream, a);
+  attention::launch_dependent(attention::combine_kernel<P>, dim3(combine_blocks), attention::kCombineWarps * 32, 0, stream, a);
 }
 
 void check_aligned(const void* pointer, std::size_t alignment, const char* name) {

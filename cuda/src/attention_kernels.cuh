@@ -1,4 +1,5 @@
-// CUDA kernels of the fused decode attention (internal; launched by attention.cu, docs/attention.md).
+// CUDA kernels of the fused decode attention (internal; launched by attention.cu and attention_split.cu,
+// docs/attention.md).
 //
 // prepare (one warp per query row): q' = q * s, q~ = Pi_k q', both times scale * log2(e), into the workspace.
 // split (one block of kSplitWarps warps per (split, KV head x head chunk, sequence)): lanes are grouped L per

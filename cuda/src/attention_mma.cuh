@@ -1,4 +1,4 @@
-// Tensor-core split kernel of the fused decode attention (internal; launched by attention.cu for float16 and
+// Tensor-core split kernel of the fused decode attention (internal; launched by attention_split.cu for float16 and
 // bfloat16 queries, docs/attention.md §2.1).
 //
 // One block of kSplitWarps warps per (split, KV head x head chunk, sequence), as the SIMT split kernel; each warp

@@ -1,5 +1,6 @@
 // DeviceQuantizer (codec.hpp): a Quantizer's derived data on a CUDA device and the launches of the
-// fused codec kernels (codec_kernels.cuh). Compiled with --fmad=false (see CMakeLists.txt).
+// fused codec kernels (codec_kernels.cuh; the general encode / decode kernels are compiled per rotation kind in
+// codec_dispatch.cu). Compiled with --fmad=false (see CMakeLists.txt).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include "codec_encode_dense.hpp"
 #include "codec_encode_fast.hpp"
 #include "codec_kernels.cuh"
+#include "codec_launch.hpp"
 #include "resident_blocks.hpp"
 #include "rotorquant/cuda/codec.hpp"
 #include "rotorquant/cuda/rotation.hpp"
@@ -26,7 +28,6 @@ namespace cuda {
 namespace {
 
 using rotorquant::detail::expected_got;
-constexpr int kBlocksPerMultiprocessor = 8;
 constexpr unsigned long long kNoRow = ~0ull;
 
 template <typename T>
@@ -57,95 +58,23 @@ int chunks_for(std::int64_t padded_dim) {
   return chunks;
 }
 
-// The grid of the general encode / decode kernels: one resident wave at most, shared among the heads and groups of
-// a multi-head launch (codec::codec_grid).
-dim3 grid_for(std::int64_t warp_tiles, int multiprocessor_count, const codec::CodecArgs& args) {
-  const unsigned blocks = tile_grid(warp_tiles, codec::kWarps, multiprocessor_count, kBlocksPerMultiprocessor);
-  return codec::codec_grid(blocks, static_cast<std::int64_t>(multiprocessor_count) * kBlocksPerMultiprocessor, args);
-}
-
-template <int C>
-std::int64_t warp_tiles(std::int64_t n) {
-  return (n + codec::Tile<C>::kRows - 1) / codec::Tile<C>::kRows;
-}
-
-// ---- dispatch: kind x chunks ----------------------------------------------------------------
-
-template <int Kind, int C, int Bits>
-void launch_encode_bits(const float* x, const codec::CodecArgs& args, int sms, cudaStream_t stream) {
-  codec::encode_kernel<Kind, C, Bits><<<grid_for(warp_tiles<C>(args.n), sms, args), codec::kThreads, 0, stream>>>(x, args);
-}
-
-// mse_bits 2, 3, 4 (levels 4, 8, 16) with C <= 8 get the kernels specialized on the bit-plane split.
-template <int Kind, int C>
-void launch_encode_typed(const float* x, const codec::CodecArgs& args, int sms, cudaStream_t stream) {
-  if (C <= 8) {
-    switch (args.levels) {
-      case 4: return launch_encode_bits<Kind, C, (C <= 8 ? 2 : 0)>(x, args, sms, stream);
-      case 8: return launch_encode_bits<Kind, C, (C <= 8 ? 3 : 0)>(x, args, sms, stream);
-      case 16: return launch_encode_bits<Kind, C, (C <= 8 ? 4 : 0)>(x, args, sms, stream);
-      default: break;
-    }
-  }
-  launch_encode_bits<Kind, C, 0>(x, args, sms, stream);
-}
-
-template <int Kind, int C>
-void launch_decode_typed(const codec::CodecArgs& args, void* out, OutputDtype dtype, int sms, cudaStream_t stream) {
-  const dim3 grid = grid_for(warp_tiles<C>(args.n), sms, args);
-  switch (dtype) {
-    case OutputDtype::kFloat32:
-      codec::decode_kernel<Kind, C, float><<<grid, codec::kThreads, 0, stream>>>(args, static_cast<float*>(out));
-      break;
-    case OutputDtype::kFloat16:
-      codec::decode_kernel<Kind, C, __half><<<grid, codec::kThreads, 0, stream>>>(args, static_cast<__half*>(out));
-      break;
-    case OutputDtype::kBFloat16:
-      codec::decode_kernel<Kind, C, __nv_bfloat16>
-          <<<grid, codec::kThreads, 0, stream>>>(args, static_cast<__nv_bfloat16*>(out));
-      break;
-  }
-}
-
-template <int Kind>
-void dispatch_chunks(int chunks, const float* x, const codec::CodecArgs& args, void* out, OutputDtype dtype,
-                     bool encode, int sms, cudaStream_t stream) {
-  switch (chunks) {
-#define ROTORQUANT_CODEC_CASE(C)                                   \
-  case C:                                                          \
-    if (encode) {                                                  \
-      launch_encode_typed<Kind, C>(x, args, sms, stream);          \
-    } else {                                                       \
-      launch_decode_typed<Kind, C>(args, out, dtype, sms, stream); \
-    }                                                              \
-    return;
-    ROTORQUANT_CODEC_CASE(1)
-    ROTORQUANT_CODEC_CASE(2)
-    ROTORQUANT_CODEC_CASE(4)
-    ROTORQUANT_CODEC_CASE(8)
-    ROTORQUANT_CODEC_CASE(16)
-#undef ROTORQUANT_CODEC_CASE
-    default:
-      throw ValueError(expected_got("cuda::DeviceQuantizer: coordinates per lane", "1, 2, 4, 8 or 16",
-                                    std::to_string(chunks)));
-  }
-}
+// ---- dispatch: kind (one translation unit each: codec_dispatch.cu), then chunks -------------------
 
 void dispatch(RotationKind kind, int chunks, const float* x, const codec::CodecArgs& args, void* out,
               OutputDtype dtype, bool encode, int sms, cudaStream_t stream) {
   switch (kind) {
     case RotationKind::kIdentity:
-      return dispatch_chunks<codec::kIdentity>(chunks, x, args, out, dtype, encode, sms, stream);
+      return codec::dispatch_chunks<codec::kIdentity>(chunks, x, args, out, dtype, encode, sms, stream);
     case RotationKind::kDense:
-      return dispatch_chunks<codec::kDense>(chunks, x, args, out, dtype, encode, sms, stream);
+      return codec::dispatch_chunks<codec::kDense>(chunks, x, args, out, dtype, encode, sms, stream);
     case RotationKind::kHadamard:
-      return dispatch_chunks<codec::kHadamard>(chunks, x, args, out, dtype, encode, sms, stream);
+      return codec::dispatch_chunks<codec::kHadamard>(chunks, x, args, out, dtype, encode, sms, stream);
     case RotationKind::kRotor3:
-      return dispatch_chunks<codec::kRotor3>(chunks, x, args, out, dtype, encode, sms, stream);
+      return codec::dispatch_chunks<codec::kRotor3>(chunks, x, args, out, dtype, encode, sms, stream);
     case RotationKind::kPlanar:
-      return dispatch_chunks<codec::kPlanar>(chunks, x, args, out, dtype, encode, sms, stream);
+      return codec::dispatch_chunks<codec::kPlanar>(chunks, x, args, out, dtype, encode, sms, stream);
     case RotationKind::kQuat:
-      return dispatch_chunks<codec::kQuat>(chunks, x, args, out, dtype, encode, sms, stream);
+      return codec::dispatch_chunks<codec::kQuat>(chunks, x, args, out, dtype, encode, sms, stream);
   }
   throw ValueError("cuda::DeviceQuantizer: unknown rotation kind");
 }

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused codec (internal; launched by codec.cu).
+// CUDA kernels of the fused codec (internal; launched by codec.cu and codec_dispatch.cu).
 //
 // Layout: one warp owns kRows rows at a time (a "warp tile"); lane l holds coordinates
 // j = 32 c + l (c < C) of each row in registers, so loads of x are coalesced, a 32-coordinate
