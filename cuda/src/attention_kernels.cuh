@@ -284,22 +284,27 @@ __device__ __forceinline__ void write_block_partials(const KernelArgs& a, const 
                                                      const float (*shared_l)[G], const float (*shared_acc)[G][P],
                                                      int b, int hq0, int nh, int split) {
   const int slots = a.num_splits + 1;
-  for (int e = threadIdx.x; e < nh * P; e += blockDim.x) {
-    const int hh = e / P, j = e - hh * P;
+  for (int e = threadIdx.x; e < nh * (P / 4); e += blockDim.x) {  // 4 coordinates per thread (16-byte accesses)
+    const int hh = e / (P / 4), j = 4 * (e - hh * (P / 4));
     float block_max = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kSplitWarps; ++w) block_max = fmaxf(block_max, shared_m[w][hh]);
-    float value = 0.0f, sum = 0.0f;
+    float4 value = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float sum = 0.0f;
     if (block_max != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < kSplitWarps; ++w) {
         const float weight = fast_exp2(shared_m[w][hh] - block_max);
-        value = fmaf(weight, shared_acc[w][hh][j], value);
+        const float4 x = *reinterpret_cast<const float4*>(&shared_acc[w][hh][j]);
+        value.x = fmaf(weight, x.x, value.x);
+        value.y = fmaf(weight, x.y, value.y);
+        value.z = fmaf(weight, x.z, value.z);
+        value.w = fmaf(weight, x.w, value.w);
         sum = fmaf(weight, shared_l[w][hh], sum);
       }
     }
     const std::int64_t slot = (static_cast<std::int64_t>(b) * a.q_heads + hq0 + hh) * slots + split;
-    a.partial_acc[slot * P + j] = value;
+    *reinterpret_cast<float4*>(a.partial_acc + slot * P + j) = value;
     if (j == 0) {
       a.partial_ml[2 * slot] = block_max;
       a.partial_ml[2 * slot + 1] = sum;

@@ -370,10 +370,11 @@ template <int Bits>
 __device__ __forceinline__ void fill_pair_table(unsigned* table, const float* centroids, bool low) {
   constexpr int kEntries = 1 << Planes<Bits>::kPairBits, kCopies = PairCopies<Bits>::value;
   static_assert(kEntries * kCopies * 4 <= kTableSlot, "a pair table with its copies fills at most one slot");
-  if constexpr (kCopies >= 4) {  // 4 copies of one entry per 16-byte store
-    for (int i = threadIdx.x; i < kEntries * kCopies / 4; i += blockDim.x) {
-      const unsigned v = pair_table_value<Bits>(centroids, i / (kCopies / 4), low);
-      reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
+  if constexpr (kCopies >= 4) {  // 4 copies of one entry per 16-byte store; each entry computed once
+    for (int t = threadIdx.x; t < kEntries; t += blockDim.x) {
+      const unsigned v = pair_table_value<Bits>(centroids, t, low);
+#pragma unroll
+      for (int q = 0; q < kCopies / 4; ++q) reinterpret_cast<uint4*>(table)[t * (kCopies / 4) + q] = make_uint4(v, v, v, v);
     }
   } else {
     for (int i = threadIdx.x; i < kEntries * kCopies; i += blockDim.x) {
@@ -384,19 +385,24 @@ __device__ __forceinline__ void fill_pair_table(unsigned* table, const float* ce
 
 // Writes the byte-addressed 3-bit key table at `table` (16-byte aligned), the block's threads together: entry t's
 // copies of its value, then of its fp16 remainders (Paired: value and remainder side by side, per copy).
+// Two threads per entry (halves of its 16-byte stores), each entry's values computed once per thread.
 template <bool Paired>
 __device__ __forceinline__ void fill_byte_pair_table(unsigned* table, const float* centroids) {
   constexpr int kQuads = kByteEntryBytes / 16;  // 16-byte stores per entry
   static_assert(64 * kByteEntryBytes == 2 * kTableSlot, "a byte-addressed table fills two slots");
-  for (int i = threadIdx.x; i < 64 * kQuads; i += blockDim.x) {
+  for (int i = threadIdx.x; i < 64 * 2; i += blockDim.x) {
+    const int t = i >> 1, half = i & 1;
+    uint4* const quads = reinterpret_cast<uint4*>(table) + t * kQuads + half * (kQuads / 2);
+    uint4 quad;
     if constexpr (Paired) {
-      const unsigned v = pair_table_value<3>(centroids, i / kQuads, false);
-      const unsigned low = pair_table_value<3>(centroids, i / kQuads, true);
-      reinterpret_cast<uint4*>(table)[i] = make_uint4(v, low, v, low);
-    } else {
-      const unsigned v = pair_table_value<3>(centroids, i / kQuads, i % kQuads >= kQuads / 2);
-      reinterpret_cast<uint4*>(table)[i] = make_uint4(v, v, v, v);
+      const unsigned v = pair_table_value<3>(centroids, t, false), low = pair_table_value<3>(centroids, t, true);
+      quad = make_uint4(v, low, v, low);
+    } else {  // the first half of the entry holds the values, the second their remainders
+      const unsigned v = pair_table_value<3>(centroids, t, half == 1);
+      quad = make_uint4(v, v, v, v);
     }
+#pragma unroll
+    for (int q = 0; q < kQuads / 2; ++q) quads[q] = quad;
   }
 }
 
@@ -404,9 +410,12 @@ __device__ __forceinline__ void fill_byte_pair_table(unsigned* table, const floa
 // the holes between them are not written (they hold the query fragments, written before or after).
 __device__ __forceinline__ void fill_byte_value_table(unsigned* table, const float* centroids) {
   constexpr int kQuads = kHoleBytes / 16, kStride = kByteEntryBytes / 16;
-  for (int i = threadIdx.x; i < 64 * kQuads; i += blockDim.x) {
-    const unsigned v = pair_table_value<3>(centroids, i / kQuads, false);
-    reinterpret_cast<uint4*>(table)[i / kQuads * kStride + i % kQuads] = make_uint4(v, v, v, v);
+  for (int i = threadIdx.x; i < 64 * 2; i += blockDim.x) {  // two threads per entry, as fill_byte_pair_table
+    const int t = i >> 1, half = i & 1;
+    const unsigned v = pair_table_value<3>(centroids, t, false);
+    uint4* const quads = reinterpret_cast<uint4*>(table) + t * kStride + half * (kQuads / 2);
+#pragma unroll
+    for (int q = 0; q < kQuads / 2; ++q) quads[q] = make_uint4(v, v, v, v);
   }
 }
 
@@ -1102,6 +1111,9 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   auto shared_m = reinterpret_cast<float (*)[G]>(statistics);
   auto shared_l = reinterpret_cast<float (*)[G]>(statistics + kSplitWarps * G * 4);
 
+  // the sequence's length, an input of the kernels before prepare: loaded before the pair tables (its latency overlaps
+  // them)
+  const int loaded_length = a.code_lengths ? min(__ldg(a.code_lengths + blockIdx.z), a.max_code_length) : 0;
   fill_pair_tables<KB, VB, TokenRows>(pair_tables, a.centroids);
   // OR-addressed tables: the base ORed with the lane's copy offset; byte-addressed ones: the base alone
   const unsigned lane_bits = threadIdx.x & 31;
@@ -1221,8 +1233,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   for (int i = 0; i < S; ++i) st.acc[i][0] = st.acc[i][1] = st.acc[i][2] = st.acc[i][3] = 0.0f;
 
   // broadcast: warp-uniform to the compiler, so is the tile loop (and the staging state in it)
-  const int length =
-      __shfl_sync(kFullMask, a.code_lengths ? min(__ldg(a.code_lengths + b), a.max_code_length) : 0, 0);
+  const int length = __shfl_sync(kFullMask, loaded_length, 0);
   const int begin = split * a.tokens_per_split;
   const int end = min(begin + a.tokens_per_split, length);
   constexpr int kStride = kSplitWarps * kTileTokens;
@@ -1303,12 +1314,12 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   }
   const float value_scale = st.value_exponent == kNoScale ? 0.0f : power_of_two(st.value_exponent);
 #pragma unroll
-  for (int i = 0; i < S; ++i) {
+  for (int i = 0; i < S; ++i) {  // coordinates j, j + 1 of heads 2 r and 2 r + 1: one 8-byte store per head
     const int j = g * (P / 8) + 2 * i;
-    shared_acc[warp][2 * r][j] = st.acc[i][0] * value_scale;
-    shared_acc[warp][2 * r + 1][j] = st.acc[i][1] * value_scale;
-    shared_acc[warp][2 * r][j + 1] = st.acc[i][2] * value_scale;
-    shared_acc[warp][2 * r + 1][j + 1] = st.acc[i][3] * value_scale;
+    *reinterpret_cast<float2*>(&shared_acc[warp][2 * r][j]) =
+        make_float2(st.acc[i][0] * value_scale, st.acc[i][2] * value_scale);
+    *reinterpret_cast<float2*>(&shared_acc[warp][2 * r + 1][j]) =
+        make_float2(st.acc[i][1] * value_scale, st.acc[i][3] * value_scale);
   }
   __syncthreads();
   write_block_partials<P, G>(a, shared_m, shared_l, shared_acc, b, hq0, nh, split);
