@@ -24,7 +24,7 @@ import torch
 import rotorquant as rq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import DIM, KV_HEADS, Q_HEADS, quantizers, random_codes  # noqa: E402
+from bench_attention import DIM, KV_HEADS, Q_HEADS, FusedCase  # noqa: E402
 
 KERNELS = ("prepare", "split", "combine")
 
@@ -107,17 +107,8 @@ def main() -> int:
         batch, context = (int(x) for x in shape.split("x"))
         for pair in args.bits:
             key_bits, value_bits = (int(x) for x in pair.split("/"))
-            kq, vq = quantizers(key_bits, 0), quantizers(value_bits, 1)
-            attention = rq.DecodeAttention(kq, vq, device=device)
-            ki, kn = random_codes(batch, context, kq[0], device)
-            vi, vn = random_codes(batch, context, vq[0], device)
-            lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
-            q = torch.randn(batch, Q_HEADS, DIM, device=device, dtype=torch.bfloat16)
-            views = [t.permute(1, 0, 2, 3) for t in (ki, kn, vi, vn)]
-
-            def fused():
-                return attention(q, *views, lengths)
-
+            case = FusedCase(batch, context, key_bits, value_bits, Q_HEADS, device)
+            fused = case.call
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -138,7 +129,7 @@ def main() -> int:
                     print("-" * len(header))
                 print(f"{batch:>3} {context:>7} {pair:>4} {mode:>5} " + " ".join(f"{v:>22.2f}" for v in s.values()),
                       flush=True)
-            del graph, ki, kn, vi, vn, views, attention
+            del graph, case, fused
             torch.cuda.empty_cache()
     return 0
 

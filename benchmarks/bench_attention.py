@@ -95,6 +95,23 @@ def random_codes(batch, context, q, device):
     return indices, norms
 
 
+class FusedCase:
+    """One shape's fused call on random codes: quantizers, code tensors (head-major storage, (B, Hkv, T, bytes) views),
+    lengths at the full context, bf16 queries; call() runs rq.DecodeAttention on them."""
+
+    def __init__(self, batch, context, key_bits, value_bits, q_heads, device):
+        self.kq, self.vq = quantizers(key_bits, 0), quantizers(value_bits, 1)
+        self.attention = rq.DecodeAttention(self.kq, self.vq, device=device)
+        self.ki, self.kn = random_codes(batch, context, self.kq[0], device)
+        self.vi, self.vn = random_codes(batch, context, self.vq[0], device)
+        self.lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
+        self.q = torch.randn(batch, q_heads, DIM, device=device, dtype=torch.bfloat16)
+        self.views = [t.permute(1, 0, 2, 3) for t in (self.ki, self.kn, self.vi, self.vn)]
+
+    def call(self):
+        return self.attention(self.q, *self.views, self.lengths)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="B in {1, 32}, context 32K, bits 3/3 and 4/3")
@@ -147,16 +164,8 @@ def main() -> int:
                     print(f"{batch:>3} {context:>8} {key_bits}/{value_bits}  skipped: needs {needed / 2**30:.1f} GiB, "
                           f"{free / 2**30:.1f} free")
                     continue
-                attention = rq.DecodeAttention(kq, vq, device=device)
-                ki, kn = random_codes(batch, context, kq[0], device)
-                vi, vn = random_codes(batch, context, vq[0], device)
-                lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
-                q = torch.randn(batch, q_heads, DIM, device=device, dtype=torch.bfloat16)
-                views = [t.permute(1, 0, 2, 3) for t in (ki, kn, vi, vn)]
-
-                def fused():
-                    return attention(q, *views, lengths)
-
+                case = FusedCase(batch, context, key_bits, value_bits, q_heads, device)
+                ki, kn, vi, vn, q, fused = case.ki, case.kn, case.vi, case.vn, case.q, case.call
                 ms = time_ms(fused)
                 row = (f"{batch:>3} {context:>8} {key_bits}/{value_bits:<2} {per_token:>9} {ms:>8.3f} "
                        f"{code_bytes / ms / 1e6:>7.0f} {code_bytes / ms / 1e6 / copy:>7.1%}")
@@ -193,7 +202,7 @@ def main() -> int:
                     fused_graph_ms = graph_ms(fused, device)
                     row += f" {fused_graph_ms:>8.3f} {sdpa_graph_ms:>10.3f} {sdpa_graph_ms / fused_graph_ms:>7.2f}"
                 print(row, flush=True)
-                del ki, kn, vi, vn, views, attention
+                del ki, kn, vi, vn, case, fused
                 torch.cuda.empty_cache()
     return 0
 
