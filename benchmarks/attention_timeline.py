@@ -24,7 +24,7 @@ import torch
 import rotorquant as rq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import DIM, KV_HEADS, Q_HEADS, FusedCase  # noqa: E402
+from bench_attention import DIM, KV_HEADS, Q_HEADS, FusedCase, quantizers  # noqa: E402
 
 KERNELS = ("prepare", "split", "combine")
 
@@ -107,7 +107,7 @@ def main() -> int:
         batch, context = (int(x) for x in shape.split("x"))
         for pair in args.bits:
             key_bits, value_bits = (int(x) for x in pair.split("/"))
-            case = FusedCase(batch, context, key_bits, value_bits, Q_HEADS, device)
+            case = FusedCase(batch, context, quantizers(key_bits, 0), quantizers(value_bits, 1), Q_HEADS, device)
             fused = case.call
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))

@@ -96,14 +96,14 @@ def random_codes(batch, context, q, device):
 
 
 class FusedCase:
-    """One shape's fused call on random codes: quantizers, code tensors (head-major storage, (B, Hkv, T, bytes) views),
-    lengths at the full context, bf16 queries; call() runs rq.DecodeAttention on them."""
+    """One shape's fused call on random codes of the key / value quantizers kq, vq (lists, one per KV head): code
+    tensors (head-major storage, (B, Hkv, T, bytes) views), lengths at the full context, bf16 queries; call() runs
+    rq.DecodeAttention on them."""
 
-    def __init__(self, batch, context, key_bits, value_bits, q_heads, device):
-        self.kq, self.vq = quantizers(key_bits, 0), quantizers(value_bits, 1)
-        self.attention = rq.DecodeAttention(self.kq, self.vq, device=device)
-        self.ki, self.kn = random_codes(batch, context, self.kq[0], device)
-        self.vi, self.vn = random_codes(batch, context, self.vq[0], device)
+    def __init__(self, batch, context, kq, vq, q_heads, device):
+        self.attention = rq.DecodeAttention(kq, vq, device=device)
+        self.ki, self.kn = random_codes(batch, context, kq[0], device)
+        self.vi, self.vn = random_codes(batch, context, vq[0], device)
         self.lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
         self.q = torch.randn(batch, q_heads, DIM, device=device, dtype=torch.bfloat16)
         self.views = [t.permute(1, 0, 2, 3) for t in (self.ki, self.kn, self.vi, self.vn)]
@@ -164,7 +164,7 @@ def main() -> int:
                     print(f"{batch:>3} {context:>8} {key_bits}/{value_bits}  skipped: needs {needed / 2**30:.1f} GiB, "
                           f"{free / 2**30:.1f} free")
                     continue
-                case = FusedCase(batch, context, key_bits, value_bits, q_heads, device)
+                case = FusedCase(batch, context, kq, vq, q_heads, device)
                 ki, kn, vi, vn, q, fused = case.ki, case.kn, case.vi, case.vn, case.q, case.call
                 ms = time_ms(fused)
                 row = (f"{batch:>3} {context:>8} {key_bits}/{value_bits:<2} {per_token:>9} {ms:>8.3f} "

@@ -374,7 +374,9 @@ __device__ __forceinline__ void fill_pair_table(unsigned* table, const float* ce
     for (int t = threadIdx.x; t < kEntries; t += blockDim.x) {
       const unsigned v = pair_table_value<Bits>(centroids, t, low);
 #pragma unroll
-      for (int q = 0; q < kCopies / 4; ++q) reinterpret_cast<uint4*>(table)[t * (kCopies / 4) + q] = make_uint4(v, v, v, v);
+      for (int q = 0; q < kCopies / 4; ++q) {
+        reinterpret_cast<uint4*>(table)[t * (kCopies / 4) + q] = make_uint4(v, v, v, v);
+      }
     }
   } else {
     for (int i = threadIdx.x; i < kEntries * kCopies; i += blockDim.x) {
@@ -717,7 +719,6 @@ struct QueryRegisters {
 
 // The scores of a tile and its softmax bookkeeping up to the weights: the value product's B operand p01 (head g at
 // tokens 2r, 2r + 1) and p23 (8 + 2r, 9 + 2r) as half2, weights p n_v 2^-E. Token rows: lane (g, r) scores head r.
-
 template <int P, int KB, int VB, bool TokenRows, bool Staged>
 __device__ __forceinline__ void mma_scores(MmaTile<P, KB, VB, TokenRows>& tile, const std::uint8_t* staged,
                                            const unsigned char* query_fragments, const QueryRegisters<P>& qr,
