@@ -84,7 +84,9 @@ template <int P>
 void dispatch_heads(int heads, int key_bits, int value_bits, const attention::KernelArgs& a, dim3 grid,
                     std::int64_t rows, cudaStream_t stream) {
   const unsigned row_blocks = static_cast<unsigned>((rows + attention::kRowWarps - 1) / attention::kRowWarps);
-  attention::prepare_queries_kernel<P><<<row_blocks, attention::kRowWarps * 32, 0, stream>>>(a);
+  if (attention::prepare_launched(a)) {
+    attention::prepare_queries_kernel<P><<<row_blocks, attention::kRowWarps * 32, 0, stream>>>(a);
+  }
   switch (key_bits) {
     case 2: attention::launch_splits<P, 2>(heads, value_bits, a, grid, stream); break;
     case 3: attention::launch_splits<P, 3>(heads, value_bits, a, grid, stream); break;
@@ -390,6 +392,10 @@ void DeviceDecodeAttention::run(const DecodeAttentionArgs& args, void* stream) c
   a.value_rotation_floats = value_rotation_floats_;
   a.hadamard_scale = hadamard_scale_;
   a.centroids = centroids_;
+  // The tensor-core kernel rotates the queries itself where the rotation is local (not dense) and the queries can be
+  // read as 8-byte quads (attention_mma.cuh, RawQueries): no prepare launch to wait for.
+  a.fused_rotation = args.queries_dtype != OutputDtype::kFloat32 && kind_ != RotationKind::kDense &&
+                     reinterpret_cast<std::uintptr_t>(args.queries) % 8 == 0;
   char* base = static_cast<char*>(args.workspace);
   a.q_rot = reinterpret_cast<float*>(base + layout.q_rot);
   a.q_raw = reinterpret_cast<float*>(base + layout.q_raw);

@@ -83,7 +83,14 @@ struct KernelArgs {
   float* partial_acc;      // (batch * q_heads, num_splits + 1, P)
   float* partial_ml;       // (batch * q_heads, num_splits + 1, 2)
   int combine_parts;       // warps merging one row in combine_kernel: 1, 2, 4 or 8 (kCombineWarps)
+  int fused_rotation;      // split_mma_kernel rotates the queries itself (attention_mma.cuh, RawQueries)
 };
+
+// Whether prepare_queries_kernel runs: always but with the fused rotation, then only for the full-precision window's
+// q_raw. Without it the tensor-core split launch is a plain launch (nothing of this call to depend on).
+__host__ __device__ __forceinline__ bool prepare_launched(const KernelArgs& a) {
+  return !a.fused_rotation || a.fp_lengths != nullptr;
+}
 
 __device__ __forceinline__ int h_of_row(const KernelArgs& a, std::int64_t row) {  // the row's KV head
   return static_cast<int>(row % a.q_heads) / a.group;
@@ -182,6 +189,7 @@ __global__ void __launch_bounds__(kRowWarps * 32) prepare_queries_kernel(KernelA
     a.q_raw[row * P + j] = q[c] * a.scale_log2;
     if (a.key_scales) q[c] *= a.key_scales[h * P + j];
   }
+  if (a.fused_rotation) return;  // the split kernel rotates (only the window's q_raw is needed)
   warp_rotate_row<P, false>(a, a.key_rotation + h * a.key_rotation_floats, buffer[warp], q, lane);
 #pragma unroll
   for (int c = 0; c < CP; ++c) a.q_rot[row * P + 32 * c + lane] = q[c] * a.scale_log2;

@@ -1068,6 +1068,191 @@ __device__ __forceinline__ bool elect_one_sync() {
   return elected != 0u;
 }
 
+// ---- the query rotation inside the split kernel (KernelArgs::fused_rotation) ----------------------------
+
+// Identity, hadamard, planar and quat keys with 8-byte aligned float16 / bfloat16 queries: the split kernel rotates
+// the queries itself, and the host launches prepare only when a full-precision window needs its q_raw (the split
+// kernel then does not wait for it before its tiles). Warp w rotates the chunk's heads w and w + 4 (token rows: heads
+// 0-3 only), lane l holding the quads l + 32 c (coordinates 4 (l + 32 c) .. + 3), with prepare_queries_kernel's
+// operations in its order (butterfly strides ascending, the same roundings), so q_rot is prepare's bit for bit; the
+// fragments and power-of-two scales are then those of the prepared path. The raw loads are issued before the pair
+// tables are filled (RawQueries), so their latency overlaps the fill.
+template <int P, bool TokenRows>
+struct RawQueries {
+  static constexpr int kQuads = P / 4;                       // quads of one head
+  static constexpr int kLaneQuads = (kQuads + 31) / 32;      // quads per lane (d = 64: lanes 16-31 hold none)
+  static constexpr int kHeads = TokenRows ? 4 : kMmaHeads;   // heads a chunk can hold
+  static constexpr int kWarpHeads = kHeads / kSplitWarps;    // heads per warp
+  uint2 raw[kWarpHeads][kLaneQuads];  // 4 half / bfloat16 values per quad
+
+  __device__ __forceinline__ void load(const KernelArgs& a, int b, int hq0, int nh, int warp, int lane) {
+#pragma unroll
+    for (int c = 0; c < kLaneQuads; ++c) {
+      const int quad = lane + 32 * c;
+      const bool lane_quad = quad < kQuads;
+#pragma unroll
+      for (int k = 0; k < kWarpHeads; ++k) {
+        const int hh = warp + kSplitWarps * k;
+        const std::int64_t row = static_cast<std::int64_t>(b) * a.q_heads + hq0 + hh;
+        raw[k][c] = hh < nh && lane_quad
+                        ? __ldg(reinterpret_cast<const uint2*>(static_cast<const std::uint16_t*>(a.queries) + row * P) + quad)
+                        : make_uint2(0u, 0u);
+      }
+    }
+  }
+};
+
+__device__ __forceinline__ float query_value(unsigned bits, int dtype) {  // a half / bfloat16 in the low 16 bits
+  const unsigned short u = static_cast<unsigned short>(bits & 0xFFFFu);
+  return dtype == kF16 ? __half2float(__ushort_as_half(u)) : __bfloat162float(__ushort_as_bfloat16(u));
+}
+
+// One k x k block (k = 2, 4, row-major at `block`) applied to v[0 .. k) as prepare's chain: out_i = fmaf(B[i][k-1],
+// v[k-1], ... fmaf(B[i][0], v[0], 0)).
+template <int K>
+__device__ __forceinline__ void rotate_block(const float* block, float* v) {
+  float out[K];
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc = fmaf(__ldg(block + i * K + k), v[k], acc);
+    out[i] = acc;
+  }
+#pragma unroll
+  for (int i = 0; i < K; ++i) v[i] = out[i];
+}
+
+// Rotates the warp's heads and writes their fragments (as the prepared path's warp 0 does) and scales[head] (the
+// prepared path's query_scale of that head); the caller's __syncthreads() publishes both.
+template <int P, int KB, int VB, bool TokenRows>
+__device__ __forceinline__ void rotate_query_fragments(const KernelArgs& a, const RawQueries<P, TokenRows>& q, int h,
+                                                       int nh, int warp, int lane, unsigned char* fragments,
+                                                       float* scales) {
+  using Raw = RawQueries<P, TokenRows>;
+  constexpr int QL = Raw::kLaneQuads;
+  constexpr int kStepQuads = P / 16;  // quads of one quarter r of a head: one per k-step
+#pragma unroll
+  for (int k = 0; k < Raw::kWarpHeads; ++k) {
+    const int hh = warp + kSplitWarps * k;
+    float v[QL][4];
+#pragma unroll
+    for (int c = 0; c < QL; ++c) {
+      const int quad = lane + 32 * c;
+      v[c][0] = query_value(q.raw[k][c].x, a.queries_dtype);
+      v[c][1] = query_value(q.raw[k][c].x >> 16, a.queries_dtype);
+      v[c][2] = query_value(q.raw[k][c].y, a.queries_dtype);
+      v[c][3] = query_value(q.raw[k][c].y >> 16, a.queries_dtype);
+      if (a.key_scales && quad < Raw::kQuads) {
+#pragma unroll
+        for (int t = 0; t < 4; ++t) v[c][t] *= __ldg(a.key_scales + h * P + 4 * quad + t);
+      }
+    }
+    if (a.kind == kHadamard) {
+#pragma unroll
+      for (int c = 0; c < QL; ++c) {
+        // the signs of the lane's quad (d = 64: lanes 16-31 read quad lane - 16's, for zeros); loaded here, not with
+        // the raw queries: held across the table fill they cost the K2/V2 kernel 20 bytes of spills in its tile loop
+        const float4 sign = __ldg(reinterpret_cast<const float4*>(a.key_rotation + h * a.key_rotation_floats) +
+                                  (lane + 32 * c) % Raw::kQuads);
+        v[c][0] *= sign.x;
+        v[c][1] *= sign.y;
+        v[c][2] *= sign.z;
+        v[c][3] *= sign.w;
+#pragma unroll
+        for (int stride = 1; stride < 4; stride <<= 1) {  // strides 1, 2: inside the quad
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            if ((t & stride) == 0) {
+              const float x = v[c][t], y = v[c][t + stride];
+              v[c][t] = __fadd_rn(x, y);
+              v[c][t + stride] = __fsub_rn(x, y);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int x = 1; x < 32 && x < Raw::kQuads; x <<= 1) {  // strides 4 .. 64: across lanes
+#pragma unroll
+        for (int c = 0; c < QL; ++c)
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            const float partner = __shfl_xor_sync(kFullMask, v[c][t], x);
+            v[c][t] = (lane & x) ? __fsub_rn(partner, v[c][t]) : __fadd_rn(v[c][t], partner);
+          }
+      }
+      if constexpr (QL == 2) {  // stride 128 (d = 256): between the lane's two quads
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+          const float x = v[0][t], y = v[1][t];
+          v[0][t] = __fadd_rn(x, y);
+          v[1][t] = __fsub_rn(x, y);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < QL; ++c)
+#pragma unroll
+        for (int t = 0; t < 4; ++t) v[c][t] *= a.hadamard_scale;
+    } else if (a.kind == kPlanar || a.kind == kQuat) {
+      const float* rotation = a.key_rotation + h * a.key_rotation_floats;
+#pragma unroll
+      for (int c = 0; c < QL; ++c) {
+        const int quad = lane + 32 * c;
+        if (quad < Raw::kQuads) {
+          if (a.kind == kPlanar) {
+            rotate_block<2>(rotation + 4 * (2 * quad), v[c]);
+            rotate_block<2>(rotation + 4 * (2 * quad + 1), v[c] + 2);
+          } else {
+            rotate_block<4>(rotation + 16 * quad, v[c]);
+          }
+        }
+      }
+    }
+    float largest = 0.0f;
+#pragma unroll
+    for (int c = 0; c < QL; ++c)
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        v[c][t] *= a.scale_log2;
+        largest = fmaxf(largest, fabsf(v[c][t]));
+      }
+#pragma unroll
+    for (int x = 16; x > 0; x >>= 1) largest = fmaxf(largest, __shfl_xor_sync(kFullMask, largest, x));
+    float query_scale = 1.0f, shrink = 1.0f;
+    if (largest > 0.0f) {
+      const int e = exponent_bound(largest);
+      query_scale = power_of_two(e);
+      shrink = power_of_two(-e);
+    }
+#pragma unroll
+    for (int c = 0; c < QL; ++c) {
+      const int quad = lane + 32 * c;
+      if (quad < Raw::kQuads) {
+        const int r = quad / kStepQuads, step = quad - r * kStepQuads;
+        unsigned hi[2], lo[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float x0 = v[c][2 * half] * shrink, x1 = v[c][2 * half + 1] * shrink;
+          const __half h0 = __float2half_rn(x0), h1 = __float2half_rn(x1);
+          hi[half] = pack_half2(__half2float(h0), __half2float(h1));
+          lo[half] = pack_half2(x0 - __half2float(h0), x1 - __half2float(h1));
+        }
+        const int offset = step * kFragmentStepBytes<KB, VB, TokenRows>;
+        if constexpr (TokenRows) {
+          *reinterpret_cast<uint2*>(fragments + fragment_offset<KB, VB, true>(8 * hh + r) + offset) =
+              make_uint2(hi[0], hi[1]);
+          *reinterpret_cast<uint2*>(fragments + fragment_offset<KB, VB, true>(8 * hh + r + 4) + offset) =
+              make_uint2(lo[0], lo[1]);
+        } else {
+          *reinterpret_cast<uint4*>(fragments + fragment_offset<KB, VB, false>(4 * hh + r) + offset) =
+              make_uint4(hi[0], lo[0], hi[1], lo[1]);
+        }
+      }
+    }
+    if (lane == 0) scales[hh] = query_scale;
+  }
+}
+
 template <int P, int KB, int VB, bool TokenRows>
 __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) split_mma_kernel(KernelArgs a) {
   constexpr int S = MmaShape<P>::kSteps;
@@ -1115,6 +1300,14 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   // the sequence's length, an input of the kernels before prepare: loaded before the pair tables (its latency overlaps
   // them)
   const int loaded_length = a.code_lengths ? min(__ldg(a.code_lengths + blockIdx.z), a.max_code_length) : 0;
+  const int g = lane >> 2, r = lane & 3;
+  const int b = blockIdx.z;
+  const int h = blockIdx.y / a.head_chunks, chunk = blockIdx.y - h * a.head_chunks;
+  const int split = blockIdx.x;
+  const int hq0 = h * a.group + chunk * a.chunk_heads;
+  const int nh = min(a.chunk_heads, a.group - chunk * a.chunk_heads);
+  RawQueries<P, TokenRows> raw_queries;  // fused rotation: loaded before the tables (their latency overlaps the fill)
+  if (a.fused_rotation) raw_queries.load(a, b, hq0, nh, warp, lane);
   fill_pair_tables<KB, VB, TokenRows>(pair_tables, a.centroids);
   // OR-addressed tables: the base ORed with the lane's copy offset; byte-addressed ones: the base alone
   const unsigned lane_bits = threadIdx.x & 31;
@@ -1129,12 +1322,6 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   // (DeviceDecodeAttention), this is the device's own guard against a silent wrong address.
   if (ByteTable<KB>::value && !byte_table_fits(key_table)) __trap();
   if (Shared::kCompact && !byte_table_fits(value_table)) __trap();
-  const int g = lane >> 2, r = lane & 3;
-  const int b = blockIdx.z;
-  const int h = blockIdx.y / a.head_chunks, chunk = blockIdx.y - h * a.head_chunks;
-  const int split = blockIdx.x;
-  const int hq0 = h * a.group + chunk * a.chunk_heads;
-  const int nh = min(a.chunk_heads, a.group - chunk * a.chunk_heads);
   // this warp's two mbarriers
   const unsigned barriers = static_cast<unsigned>(__cvta_generic_to_shared(barrier_bytes)) + 16 * warp;
   // this warp's two staging slots (shared addresses): slot s of warp w at position s kSplitWarps + w after the tables,
@@ -1157,10 +1344,6 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     }
   }
 
-  // launched as a programmatic dependent of prepare_queries_kernel: everything above overlaps it; its q_rot is read
-  // below
-  grid_dependency_wait();
-
   // Query fragments. Lane (g, r) reads head g's coordinates [r P / 4, (r + 1) P / 4), scaled by 2^-e to |q| < 1, and
   // warp 0 writes them to shared memory (every warp of the block uses the same ones; one 8- or 16-byte read per step
   // instead of P / 4 registers): token rows: head g is B column 2 g (fp16 values) and 2 g + 1 (their fp16
@@ -1168,7 +1351,19 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   // lane's own A quad {hi(pair 2 s), lo(pair 2 s), hi(pair 2 s + 1), lo(pair 2 s + 1)}.
   const unsigned char* const query_fragments = fragments + fragment_offset<KB, VB, TokenRows>(lane);
   float query_scale = 1.0f;  // of the lane's own head (token rows: head r, head rows: head g)
-  {
+  // fused rotation: the heads' scales, published by the barrier below (prologue only: statistics when they do not lie
+  // over the tables, else the barrier hole's second half)
+  static_assert(!(Shared::kCompact && Shared::kStatisticsInRegion) ||
+                    (Shared::kSlotMiscInHoles && Shared::kBarrierBytes + kMmaHeads * 4 <= kHoleBytes),
+                "the fused rotation's scales fit next to the mbarriers");
+  float* const scales = reinterpret_cast<float*>(
+      Shared::kCompact && Shared::kStatisticsInRegion ? barrier_bytes + Shared::kBarrierBytes : statistics);
+  if (a.fused_rotation) {
+    rotate_query_fragments<P, KB, VB, TokenRows>(a, raw_queries, h, nh, warp, lane, fragments, scales);
+  } else {
+    // launched as a programmatic dependent of prepare_queries_kernel: everything above overlaps it; its q_rot is read
+    // below
+    grid_dependency_wait();
     float q[P / 4];
     const float* row = a.q_rot + (static_cast<std::int64_t>(b) * a.q_heads + hq0 + (g < nh ? g : 0)) * P +
                        r * (P / 4);
@@ -1216,6 +1411,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     }
   }
   __syncthreads();
+  if (a.fused_rotation) query_scale = scales[TokenRows ? r : g];
 
   QueryRegisters<P> qr;  // token rows (below); unused with head rows
   if constexpr (TokenRows) {
@@ -1301,6 +1497,9 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
     }
   }
 
+  // With the fused rotation and a full-precision window this kernel never waited for prepare: it does here, so that
+  // prepare (the window's q_raw) is complete when this grid is (a no-op otherwise: done, or not a dependent launch).
+  grid_dependency_wait();
   grid_dependents_launch();  // the combine launch may be scheduled (it waits for this grid's partials)
 
   // the own head's sum over its lanes (token rows: column r's 8 lanes; head rows: the quad); the accumulator

@@ -215,6 +215,39 @@ def test_rotations_match_cpu(rotation, dim, qdtype):
     _close(case.run(q), case.reference(q), qdtype)
 
 
+def _offset_copy(q, elements):
+    """q's values in a contiguous tensor whose data starts `elements` elements into its storage."""
+    import torch
+    flat = torch.empty(q.numel() + elements, dtype=q.dtype, device=q.device)
+    view = flat[elements:].view(q.shape)
+    view.copy_(q)
+    return view
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rotation", ["identity", "hadamard", "planar", "quat"])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [4, 8])
+@pytest.mark.parametrize("window", [0, 16])
+@pytest.mark.parametrize("qdtype", ["float16", "bfloat16"])
+def test_fused_query_rotation_equals_prepared(rotation, dim, group, window, qdtype):
+    # Half-precision queries at an 8-byte aligned address are rotated inside the tensor-core split kernel (no prepare
+    # launch without a window, no wait for it with one); 4-byte aligned ones take prepare's q_rot. Both compute the
+    # same operations in the same order, so the outputs are identical bit for bit, token rows (GQA 4) and head rows
+    # (GQA 8) alike, with key channel scales and every local rotation; and both match the CPU.
+    import torch
+    rng = np.random.default_rng(dim + group + window)
+    case = Case(batch=2, kv_heads=2, group=group, dim=dim, tokens=150 + window, rotation=rotation, window=window,
+                sinks=4 if window else 0)
+    q = case.queries(rng, _torch_dtype(qdtype), scale=3.0)
+    fused_q, prepared_q = _offset_copy(q, 4), _offset_copy(q, 2)
+    assert fused_q.data_ptr() % 8 == 0 and prepared_q.data_ptr() % 8 == 4
+    fused, prepared = case.run(fused_q), case.run(prepared_q)
+    torch.cuda.synchronize()
+    assert torch.equal(fused, prepared)
+    _close(fused, case.reference(q), qdtype)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_query_and_output_dtypes(dtype):
