@@ -1,7 +1,9 @@
 // CUDA kernels of the fused decode attention (internal; launched by attention.cu and attention_split.cu,
 // docs/attention.md).
 //
-// prepare (one warp per query row): q' = q * s, q~ = Pi_k q', both times scale * log2(e), into the workspace.
+// prepare (one warp per query row): q' = q * s, q~ = Pi_k q', both times scale * log2(e), into the workspace; launched
+//   only where the tensor-core split kernel does not rotate the queries itself (prepare_launched), and then with a
+//   full-precision window for q' alone.
 // split (one block of kSplitWarps warps per (split, KV head x head chunk, sequence)): lanes are grouped L per
 //   token, lane li of a group owning coordinates [li C, li C + C) of its token, so one step of a warp covers
 //   32 / L tokens; the chunk's up to G query heads live in registers (G x C floats per lane). Per step: the
@@ -538,7 +540,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(KernelArgs 
   const int h = valid ? h_of_row(a, row) : 0;
   float mean[CP];
 #pragma unroll
-  for (int c = 0; c < CP; ++c) mean[c] = a.value_means && valid && part == 0 ? __ldg(a.value_means + h * P + 32 * c + lane) : 0.0f;
+  for (int c = 0; c < CP; ++c) {
+    mean[c] = a.value_means && valid && part == 0 ? __ldg(a.value_means + h * P + 32 * c + lane) : 0.0f;
+  }
   grid_dependency_wait();
   const int slots = a.num_splits + 1;
   const float* ml = a.partial_ml + (valid ? row : 0) * slots * 2;

@@ -1094,9 +1094,9 @@ struct RawQueries {
       for (int k = 0; k < kWarpHeads; ++k) {
         const int hh = warp + kSplitWarps * k;
         const std::int64_t row = static_cast<std::int64_t>(b) * a.q_heads + hq0 + hh;
-        raw[k][c] = hh < nh && lane_quad
-                        ? __ldg(reinterpret_cast<const uint2*>(static_cast<const std::uint16_t*>(a.queries) + row * P) + quad)
-                        : make_uint2(0u, 0u);
+        raw[k][c] = hh < nh && lane_quad ? __ldg(reinterpret_cast<const uint2*>(
+                                               static_cast<const std::uint16_t*>(a.queries) + row * P) + quad)
+                                         : make_uint2(0u, 0u);
       }
     }
   }
