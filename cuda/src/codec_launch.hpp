@@ -18,18 +18,16 @@ template <int Kind>
 void dispatch_chunks(int chunks, const float* x, const CodecArgs& args, void* out, OutputDtype dtype, bool encode,
                      int sms, cudaStream_t stream);
 
-extern template void dispatch_chunks<kIdentity>(int, const float*, const CodecArgs&, void*, OutputDtype, bool, int,
-                                                cudaStream_t);
-extern template void dispatch_chunks<kDense>(int, const float*, const CodecArgs&, void*, OutputDtype, bool, int,
+#define ROTORQUANT_DECLARE_CHUNKS(KIND) \
+  extern template void dispatch_chunks<KIND>(int, const float*, const CodecArgs&, void*, OutputDtype, bool, int, \
                                              cudaStream_t);
-extern template void dispatch_chunks<kHadamard>(int, const float*, const CodecArgs&, void*, OutputDtype, bool, int,
-                                                cudaStream_t);
-extern template void dispatch_chunks<kRotor3>(int, const float*, const CodecArgs&, void*, OutputDtype, bool, int,
-                                              cudaStream_t);
-extern template void dispatch_chunks<kPlanar>(int, const float*, const CodecArgs&, void*, OutputDtype, bool, int,
-                                              cudaStream_t);
-extern template void dispatch_chunks<kQuat>(int, const float*, const CodecArgs&, void*, OutputDtype, bool, int,
-                                            cudaStream_t);
+ROTORQUANT_DECLARE_CHUNKS(kIdentity)
+ROTORQUANT_DECLARE_CHUNKS(kDense)
+ROTORQUANT_DECLARE_CHUNKS(kHadamard)
+ROTORQUANT_DECLARE_CHUNKS(kRotor3)
+ROTORQUANT_DECLARE_CHUNKS(kPlanar)
+ROTORQUANT_DECLARE_CHUNKS(kQuat)
+#undef ROTORQUANT_DECLARE_CHUNKS
 
 }  // namespace codec
 }  // namespace cuda
