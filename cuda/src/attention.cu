@@ -52,10 +52,10 @@ float* upload(const std::vector<float>& host) {
 }
 
 // Warps that merge one row in combine_kernel: with many splits (few rows, long contexts) a row's slots are spread over
-// up to kCombineWarps warps, each keeping kCombineUnroll slots' loads in flight.
+// up to kCombineWarps warps (kCombinePartSlots: the spread), each keeping up to kCombineUnroll slots' loads in flight.
 int combine_parts(std::int64_t splits) {
   int parts = 1;
-  while (parts < attention::kCombineWarps && splits >= 2 * parts * attention::kCombineUnroll) parts *= 2;
+  while (parts < attention::kCombineWarps && splits >= 2 * parts * attention::kCombinePartSlots) parts *= 2;
   return parts;
 }
 

@@ -524,14 +524,20 @@ __global__ void __launch_bounds__(kSplitWarps * 32, SplitShape<G>::kMinBlocks) s
 // Launched as a programmatic dependent of the split launch (attention.cu, launch_dependent): it waits for the
 // partials before its first read (the value means, an input of the call, are loaded before that). 8 slots per warp
 // in flight instead of 4 (B = 1 / 128K: 2 rounds of L2 loads for 82 splits instead of 3): the tail after the split
-// kernel 4.56 -> 4.16 us there, 3.70 -> 3.20 at B = 32 / 32K (H100, CUPTI).
-constexpr int kCombineUnroll = 8;
+// kernel 4.56 -> 4.16 us there, 3.70 -> 3.20 at B = 32 / 32K (H100, CUPTI); 16 instead of 8 (one round for 82 splits
+// over 8 warps), with a row still spread over warps as for 8 (kCombinePartSlots): B = 1 / 128K 60.7 -> 59.9 us per
+// call in graphs.
+constexpr int kCombineUnroll = 16;
+constexpr int kCombinePartSlots = 8;  // a row takes 2x more warps while it has >= 2 x warps x this many splits
 constexpr int kCombineWarps = 8;  // warps per block: rows x parts
 
 template <int P>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(KernelArgs a) {
   constexpr int CP = P / 32;
   __shared__ float buffer[kCombineWarps][P];
+  // the next kernel may start: the next call's split kernel, a programmatic dependent, sets up its tables meanwhile
+  // (it waits for this grid before reading anything)
+  grid_dependents_launch();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int parts = a.combine_parts, part = warp % parts;
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * (kCombineWarps / parts) + warp / parts;

@@ -1036,6 +1036,22 @@ __device__ __forceinline__ void stage_tile(const TileSources& sources, unsigned 
       slot, barrier, sources.keys, sources.values, sources.key_norms, sources.value_norms);
 }
 
+// Contiguous layout: brings the tile at `sources` into L2 (cp.async.bulk.prefetch, one lane), where the kernel may not
+// read it yet (before griddepcontrol.wait: the previous kernel may still write the call's inputs; L2 is the point of
+// coherence, so a line prefetched early is still updated by those writes).
+template <int P, int KB, int VB>
+__device__ __forceinline__ void prefetch_tile(const TileSources& sources) {
+  using Tile = TileBytes<P, KB, VB>;
+  asm volatile(
+      "cp.async.bulk.prefetch.L2.global [%0], %4;\n\t"
+      "cp.async.bulk.prefetch.L2.global [%1], %5;\n\t"
+      "cp.async.bulk.prefetch.L2.global [%2], %6;\n\t"
+      "cp.async.bulk.prefetch.L2.global [%3], %6;" ::"l"(sources.keys),
+      "l"(sources.values), "l"(sources.key_norms), "l"(sources.value_norms), "n"(kTileTokens * Tile::kKeyBytes),
+      "n"(kTileTokens * Tile::kValueBytes), "n"(2 * kTileTokens)
+      : "memory");
+}
+
 // Contiguous layout: the sources of a warp's next tile to stage, advanced by the warps' tile stride per copy. Kept
 // warp-uniform (it derives from the kernel arguments, the block index, the broadcast warp index and the broadcast
 // length only), so ptxas holds it in uniform registers and the copies take it without moving it there. Advanced as
@@ -1297,17 +1313,26 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   auto shared_m = reinterpret_cast<float (*)[G]>(statistics);
   auto shared_l = reinterpret_cast<float (*)[G]>(statistics + kSplitWarps * G * 4);
 
-  // the sequence's length, an input of the kernels before prepare: loaded before the pair tables (its latency overlaps
-  // them)
-  const int loaded_length = a.code_lengths ? min(__ldg(a.code_lengths + blockIdx.z), a.max_code_length) : 0;
   const int g = lane >> 2, r = lane & 3;
   const int b = blockIdx.z;
   const int h = blockIdx.y / a.head_chunks, chunk = blockIdx.y - h * a.head_chunks;
   const int split = blockIdx.x;
   const int hq0 = h * a.group + chunk * a.chunk_heads;
   const int nh = min(a.chunk_heads, a.group - chunk * a.chunk_heads);
-  RawQueries<P, TokenRows> raw_queries;  // fused rotation: loaded before the tables (their latency overlaps the fill)
-  if (a.fused_rotation) raw_queries.load(a, b, hq0, nh, warp, lane);
+  // The call's inputs this prologue reads: the sequence's length and (fused rotation) the raw queries. Without prepare
+  // this kernel is a programmatic dependent of whatever kernel precedes it in the stream (attention_split.cu): the pair
+  // tables and the mbarriers (shared memory and the constant centroids) are set up while that kernel ends, and the
+  // inputs, which it may have written, are read after griddepcontrol.wait; global memory is written only long after
+  // it (the workspace may be the previous call's, which that call's combine may still read). With prepare (launched
+  // plainly, so every earlier kernel is complete) the inputs are read first and their latency overlaps the table fill.
+  const bool after_previous = !prepare_launched(a);
+  int loaded_length = 0;
+  RawQueries<P, TokenRows> raw_queries;
+  const auto load_inputs = [&] {
+    loaded_length = a.code_lengths ? min(__ldg(a.code_lengths + blockIdx.z), a.max_code_length) : 0;
+    if (a.fused_rotation) raw_queries.load(a, b, hq0, nh, warp, lane);
+  };
+  if (!after_previous) load_inputs();
   fill_pair_tables<KB, VB, TokenRows>(pair_tables, a.centroids);
   // OR-addressed tables: the base ORed with the lane's copy offset; byte-addressed ones: the base alone
   const unsigned lane_bits = threadIdx.x & 31;
@@ -1342,6 +1367,20 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
       barrier_init(barriers + 8);
       asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
+  }
+  if (after_previous) {
+    // the warp's first two tiles (rows below max_code_length are addressable: DecodeAttentionArgs) into L2 meanwhile
+    const int first = split * a.tokens_per_split + warp * kTileTokens;
+    const int bound = min(split * a.tokens_per_split + a.tokens_per_split, a.max_code_length);
+    if (staging && !a.block_table && tiles_stageable<P, KB, VB>(a, b, h, first) && elect_one_sync()) {
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int base = first + s * kSplitWarps * kTileTokens;
+        if (base + kTileTokens <= bound) prefetch_tile<P, KB, VB>(tile_sources<P, KB, VB>(a, b, h, base));
+      }
+    }
+    grid_dependency_wait();
+    load_inputs();
   }
 
   // Query fragments. Lane (g, r) reads head g's coordinates [r P / 4, (r + 1) P / 4), scaled by 2^-e to |q| < 1, and

@@ -38,12 +38,9 @@ void launch_split(const KernelArgs& a, dim3 grid, cudaStream_t stream) {
     static std::atomic<int> cache[kCachedDevices] = {};
     resident_blocks(kernel, kSplitWarps * 32, kShared, 1, cache);
   }
-  const dim3 code_grid(grid.x - 1, grid.y, grid.z);
-  if (prepare_launched(a)) {
-    launch_dependent(kernel, code_grid, kSplitWarps * 32, kShared, stream, a);
-  } else {
-    kernel<<<code_grid, kSplitWarps * 32, kShared, stream>>>(a);
-  }
+  // a programmatic dependent of prepare, or else of the stream's previous kernel, whatever it is (split_mma_kernel
+  // waits for it before it reads the call's inputs)
+  launch_dependent(kernel, dim3(grid.x - 1, grid.y, grid.z), kSplitWarps * 32, kShared, stream, a);
   if (a.fp_lengths) {
     KernelArgs window = a;
     window.split_offset = a.num_splits;

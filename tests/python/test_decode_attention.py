@@ -249,6 +249,41 @@ def test_fused_query_rotation_equals_prepared(rotation, dim, group, window, qdty
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("rotation", ["hadamard", "dense"])
+@pytest.mark.parametrize("window", [0, 16])
+@pytest.mark.parametrize("qdtype", ["float16", "bfloat16"])
+def test_back_to_back_calls_read_the_previous_output(rotation, window, qdtype):
+    # Without prepare (fused rotation, no window) the split kernel is a programmatic dependent of whatever kernel
+    # precedes it and starts its prologue while that kernel ends (the combine kernel lets its dependents launch at its
+    # start); it must read the call's inputs only after griddepcontrol.wait. A chain of calls in which each call's
+    # output is the next call's queries (written by the previous combine at its very end) must give, bit for bit, what
+    # the same chain gives with the host waiting for every call.
+    import torch
+    rng = np.random.default_rng(31 + window)
+    case = Case(batch=2, kv_heads=2, group=4, dim=128, tokens=3000 + window, key_bits=3, value_bits=3,
+                rotation=rotation, window=window, sinks=4 if window else 0)
+    q0 = case.queries(rng, _torch_dtype(qdtype), scale=3.0)
+
+    def chain(wait):
+        q, outs = q0, []
+        for _ in range(6):
+            q = case.run(q)
+            if wait:
+                torch.cuda.synchronize()
+            outs.append(q)
+        torch.cuda.synchronize()
+        return outs
+
+    for _ in range(3):
+        free, waited = chain(False), chain(True)
+        for a, b in zip(free, waited):
+            assert torch.equal(a, b)
+    assert all(torch.isfinite(o.float()).all() for o in waited)
+    assert not torch.equal(waited[0], waited[1])  # the chain moves: each call sees new queries
+    _close(waited[0], case.reference(q0), qdtype)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_query_and_output_dtypes(dtype):
     import torch

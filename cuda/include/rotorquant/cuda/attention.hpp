@@ -57,7 +57,10 @@ struct DecodeAttentionArgs {
   const std::uint8_t* value_norms = nullptr;
   CodeLayout layout;
   const std::int32_t* code_lengths = nullptr;  // device, (batch): tokens held as codes per sequence (null: none)
-  std::int64_t max_code_length = 0;            // host bound >= every code length (sizes the split grid)
+  // Host bound >= every code length (sizes the split grid). Contiguous layout: the rows of tokens t < max_code_length
+  // of every (b, h) must be addressable device memory (a code buffer of that capacity; the kernel may prefetch them
+  // into L2 before it reads the lengths), though only tokens below code_lengths[b] are read.
+  std::int64_t max_code_length = 0;
   // Full-precision tokens (sinks + recent window) in the original domain, centered as the KV cache stores them:
   // (batch, num_kv_heads, fp_capacity, head_dim) float32 contiguous; slots [0, fp_lengths[b]) are used.
   const float* fp_keys = nullptr;
