@@ -1,11 +1,12 @@
 """Fused decode attention on compressed K/V (rotorquant.DecodeAttention) against torch SDPA in bf16, on one GPU.
 
     python benchmarks/bench_attention.py [--quick] [--batches 1 8 32] [--contexts 4096 32768 131072]
-        [--q-heads 32] [--bits 3/3 4/3] [--no-baselines]
+        [--q-heads 32] [--bits 3/3 4/3] [--no-baselines] [--window 0]
 
 Shapes (issue 6): Hq = 32 query heads, Hkv = 8 KV heads, head_dim 128, one query position per sequence (decode),
 every sequence at the full context, K/V bits 4/4, 4/3, 3/3, 2/2 (hadamard rotation, float16 norms), no
-full-precision window (the codes path alone). Codes are random bytes (every bit pattern is a valid index) with
+full-precision window (the codes path alone; --window N adds N float32 tokens per sequence and KV head, as the KV
+cache's sinks and recent window, which the SDPA baselines do not have). Codes are random bytes (every bit pattern is a valid index) with
 random positive norms: speed does not depend on the values.
 
 Columns:
@@ -100,8 +101,12 @@ class FusedCase:
     tensors (head-major storage, (B, Hkv, T, bytes) views), lengths at the full context, bf16 queries; call() runs
     rq.DecodeAttention on them."""
 
-    def __init__(self, batch, context, kq, vq, q_heads, device):
+    def __init__(self, batch, context, kq, vq, q_heads, device, window=0):
         self.attention = rq.DecodeAttention(kq, vq, device=device)
+        self.fp = {}
+        if window:
+            self.fp = {name: torch.randn(batch, KV_HEADS, window, DIM, device=device) for name in ("fp_keys", "fp_values")}
+            self.fp["fp_lengths"] = torch.full((batch,), window, dtype=torch.int32, device=device)
         self.ki, self.kn = random_codes(batch, context, kq[0], device)
         self.vi, self.vn = random_codes(batch, context, vq[0], device)
         self.lengths = torch.full((batch,), context, dtype=torch.int32, device=device)
@@ -109,7 +114,7 @@ class FusedCase:
         self.views = [t.permute(1, 0, 2, 3) for t in (self.ki, self.kn, self.vi, self.vn)]
 
     def call(self):
-        return self.attention(self.q, *self.views, self.lengths)
+        return self.attention(self.q, *self.views, self.lengths, **self.fp)
 
 
 def main() -> int:
@@ -120,9 +125,13 @@ def main() -> int:
     parser.add_argument("--no-baselines", action="store_true", help="skip SDPA and decode+SDPA")
     parser.add_argument("--q-heads", type=int, default=Q_HEADS,
                         help=f"query heads (a multiple of the {KV_HEADS} KV heads; default {Q_HEADS}, GQA 4)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="full-precision tokens per sequence besides the codes (default 0: the codes alone)")
     parser.add_argument("--bits", nargs="+", default=None, metavar="K/V",
                         help="K/V bit pairs, e.g. 3/3 4/3 (default: " + " ".join(f"{k}/{v}" for k, v in BITS) + ")")
     args = parser.parse_args()
+    if args.window < 0:
+        parser.error(f"--window must be >= 0, got {args.window}")
     if args.q_heads < KV_HEADS or args.q_heads % KV_HEADS:
         parser.error(f"--q-heads must be a positive multiple of {KV_HEADS}, got {args.q_heads}")
     try:
@@ -143,7 +152,8 @@ def main() -> int:
     copy = copy_bandwidth(device)
     print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}; "
           f"copy bandwidth (read + write) {copy:.0f} GB/s")
-    print(f"Hq={q_heads} Hkv={KV_HEADS} d={DIM}, decode (1 query position), hadamard codes, fp16 norms")
+    print(f"Hq={q_heads} Hkv={KV_HEADS} d={DIM}, decode (1 query position), hadamard codes, fp16 norms"
+          + (f", {args.window} full-precision tokens" if args.window else ""))
     header = (f"{'B':>3} {'context':>8} {'K/V':>4} {'bytes/tok':>9} {'ms':>8} {'GB/s':>7} {'of copy':>7} "
               f"{'SDPA ms':>8} {'SDPA GB/s':>9} {'x SDPA':>7} {'dec+SDPA ms':>11} {'x dec+SDPA':>10} "
               f"{'graph ms':>8} {'graph SDPA':>10} {'graph x':>7}")
@@ -164,7 +174,7 @@ def main() -> int:
                     print(f"{batch:>3} {context:>8} {key_bits}/{value_bits}  skipped: needs {needed / 2**30:.1f} GiB, "
                           f"{free / 2**30:.1f} free")
                     continue
-                case = FusedCase(batch, context, kq, vq, q_heads, device)
+                case = FusedCase(batch, context, kq, vq, q_heads, device, args.window)
                 ki, kn, vi, vn, q, fused = case.ki, case.kn, case.vi, case.vn, case.q, case.call
                 ms = time_ms(fused)
                 row = (f"{batch:>3} {context:>8} {key_bits}/{value_bits:<2} {per_token:>9} {ms:>8.3f} "
