@@ -16,9 +16,9 @@ namespace attention {
 constexpr const char* kLaunchContext = "cuda::DeviceDecodeAttention";
 
 // Programmatic dependent launch (sm_90): the kernel may start while the previous one in the stream finishes; it waits
-// for that kernel's results with griddepcontrol.wait where it first reads them (split_mma_kernel: the rotated
-// queries, after its pair tables; combine_kernel: the partials, at once). Captured into CUDA graphs as programmatic
-// edges.
+// for that kernel's results with griddepcontrol.wait where it first reads them (split_mma_kernel after its pair
+// tables: prepare's rotated queries, or without prepare the call's inputs, whatever kernel precedes the call;
+// combine_kernel: the partials, at once). Captured into CUDA graphs as programmatic edges.
 template <typename... Params, typename... Args>
 void launch_dependent(void (*kernel)(Params...), dim3 grid, unsigned threads, std::size_t shared, cudaStream_t stream,
                       Args... args) {
