@@ -439,6 +439,22 @@ __global__ void __launch_bounds__(kSplitWarps * 32, SplitShape<G>::kMinBlocks) s
   } else if (a.fp_lengths) {
     const int end = min(static_cast<std::int64_t>(__ldg(a.fp_lengths + b)), a.fp_capacity);
     const std::int64_t stream_row = (static_cast<std::int64_t>(b) * a.kv_heads + h) * a.fp_capacity;
+    // The loop below takes one dependent round of loads per kSplitWarps * TPS tokens; its keys and values are first
+    // brought into L2 at once (bulk prefetches of 16 KB, one per thread; fp_keys / fp_values are 16-byte aligned),
+    // so those rounds wait for L2 rather than for DRAM.
+    {
+      constexpr int kChunk = 16384;
+      const std::int64_t bytes = static_cast<std::int64_t>(end) * P * 4;
+      const int chunks = static_cast<int>((bytes + kChunk - 1) / kChunk);
+      for (int i = threadIdx.x; i < 2 * chunks; i += blockDim.x) {
+        const int chunk = i >> 1;
+        const float* base = ((i & 1) ? a.fp_values : a.fp_keys) + stream_row * P;
+        const std::int64_t left = bytes - static_cast<std::int64_t>(chunk) * kChunk;
+        const unsigned size = static_cast<unsigned>(left < kChunk ? left : kChunk);
+        const char* start = reinterpret_cast<const char*>(base) + static_cast<std::int64_t>(chunk) * kChunk;
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(start), "r"(size) : "memory");
+      }
+    }
     for (int base = warp * TPS; base < end; base += kSplitWarps * TPS) {
       const int t = base + group_slot;
       bool valid = t < end;
