@@ -35,6 +35,11 @@ constexpr std::int64_t kSplitUnit = attention::kSplitWarps * attention::kTileTok
 constexpr std::int64_t kBlockOverheadTokens = 128;
 constexpr std::int64_t kMaxSplits = 1024;
 constexpr std::int64_t kMaxWaves = 8;
+// The full-precision tokens (sinks + recent window) are split over up to kMaxWindowSlots slots of at least
+// kWindowSlotTokens tokens each (a multiple of it), one SIMT block each per (KV head x head chunk, sequence): one block
+// for 132 tokens took ~10 us of dependent rounds of loads at batch 1. The workspace always reserves kMaxWindowSlots.
+constexpr std::int64_t kMaxWindowSlots = 8;
+constexpr std::int64_t kWindowSlotTokens = 32;
 std::int64_t resident_split_blocks(std::int64_t dim) {  // the tensor-core kernel's __launch_bounds__ minimum
   return dim <= 128 ? attention::MmaShape<128>::kMinBlocks : attention::MmaShape<256>::kMinBlocks;
 }
@@ -256,7 +261,7 @@ std::int64_t DeviceDecodeAttention::num_splits(std::int64_t batch, std::int64_t 
 std::size_t DeviceDecodeAttention::workspace_bytes(std::int64_t batch, std::int64_t q_heads,
                                                    std::int64_t max_code_length) const {
   if (batch < 1 || q_heads < 1) return 0;
-  return workspace_layout(batch * q_heads, dim_, num_splits(batch, q_heads, max_code_length)).total;
+  return workspace_layout(batch * q_heads, dim_, num_splits(batch, q_heads, max_code_length) + kMaxWindowSlots - 1).total;
 }
 
 void DeviceDecodeAttention::run(const DecodeAttentionArgs& args, void* stream) const {
@@ -327,7 +332,7 @@ void DeviceDecodeAttention::run(const DecodeAttentionArgs& args, void* stream) c
   const std::int64_t rows = args.batch * args.q_heads;
   const std::int64_t max_length = has_codes ? args.max_code_length : 0;
   const std::int64_t splits = num_splits(args.batch, args.q_heads, max_length);
-  const WorkspaceLayout layout = workspace_layout(rows, dim_, splits);
+  const WorkspaceLayout layout = workspace_layout(rows, dim_, splits + kMaxWindowSlots - 1);
   if (args.workspace == nullptr || args.workspace_bytes < layout.total) {
     fail("workspace", ">= " + std::to_string(layout.total) + " bytes (workspace_bytes())",
          args.workspace == nullptr ? "null" : std::to_string(args.workspace_bytes) + " bytes");
@@ -345,6 +350,13 @@ void DeviceDecodeAttention::run(const DecodeAttentionArgs& args, void* stream) c
   a.chunk_heads = heads;
   a.split_offset = 0;
   a.num_splits = static_cast<int>(splits);
+  {
+    const std::int64_t per_slot = (args.fp_capacity + kMaxWindowSlots - 1) / kMaxWindowSlots;
+    const std::int64_t tokens = std::max<std::int64_t>(
+        kWindowSlotTokens, (per_slot + kWindowSlotTokens - 1) / kWindowSlotTokens * kWindowSlotTokens);
+    a.window_tokens = static_cast<int>(tokens);
+    a.window_slots = has_fp ? static_cast<int>((args.fp_capacity + tokens - 1) / tokens) : 1;
+  }
   a.combine_parts = combine_parts(splits);
   {
     // tokens per split: whole units (a multiple of 16, so tiles never straddle pages of >= 16 tokens)
@@ -403,7 +415,7 @@ void DeviceDecodeAttention::run(const DecodeAttentionArgs& args, void* stream) c
   a.partial_ml = reinterpret_cast<float*>(base + layout.partial_ml);
 
   detail::ScopedDevice scoped_device(device_, kContext);
-  const dim3 grid(static_cast<unsigned>(splits + 1), static_cast<unsigned>(heads_ * a.head_chunks),
+  const dim3 grid(static_cast<unsigned>(splits + a.window_slots), static_cast<unsigned>(heads_ * a.head_chunks),
                   static_cast<unsigned>(args.batch));
   if (grid.y > 65535 || grid.z > 65535) {
     fail("batch / heads", "batch <= 65535 and num_kv_heads x head chunks <= 65535",

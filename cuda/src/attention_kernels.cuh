@@ -12,9 +12,10 @@
 //   lanes of the group by xor shuffles. Every warp keeps its own online-softmax state (scores in base 2) and
 //   accumulates p_t n_t c[idx_t] into its G x C accumulator; warps and lane groups are merged once at the end,
 //   and the block writes its (max, sum, accumulator) per query head into the workspace. The last split index
-//   (== num_splits) covers the full-precision tokens the same way, in the original domain. This SIMT kernel runs
+//   indices (num_splits .. num_splits + window_slots - 1) cover the full-precision tokens the same way, window_tokens
+//   each, in the original domain. This SIMT kernel runs
 //   float32 queries; float16 / bfloat16 queries take split_mma_kernel (attention_mma.cuh, tensor cores) for the code
-//   tokens and this kernel, launched for the last split index only (split_offset), for the full-precision tokens.
+//   tokens and this kernel, launched for the window's split indices only (split_offset), for the full-precision tokens.
 // combine (one warp per query row): merges the splits, inverse value rotation of the code part, adds the
 //   full-precision part and the value mean, converts to the output dtype.
 #pragma once
@@ -47,6 +48,9 @@ constexpr int kF32 = 0, kF16 = 1, kBF16 = 2;
 struct KernelArgs {
   int batch, q_heads, kv_heads, group, head_chunks;
   int num_splits, tokens_per_split;
+  // the full-precision tokens' slots after the code splits (>= 1; one slot holding "no token" without them) and the
+  // tokens each covers (a multiple of kSplitWarps x the SIMT kernel's tokens per step)
+  int window_slots, window_tokens;
   int split_offset;  // split = blockIdx.x + split_offset (the full-precision-only launch of the tensor-core path)
   int chunk_heads;   // query heads per head chunk (heads_per_block)
   const void* queries;
@@ -82,14 +86,17 @@ struct KernelArgs {
   const float* centroids;  // keys [0, 16), values [16, 32)
   float* q_rot;            // (batch * q_heads, P)
   float* q_raw;            // (batch * q_heads, P)
-  float* partial_acc;      // (batch * q_heads, num_splits + 1, P)
-  float* partial_ml;       // (batch * q_heads, num_splits + 1, 2)
+  float* partial_acc;      // (batch * q_heads, slots_per_row, P)
+  float* partial_ml;       // (batch * q_heads, slots_per_row, 2)
   int combine_parts;       // warps merging one row in combine_kernel: 1, 2, 4 or 8 (kCombineWarps)
   int fused_rotation;      // split_mma_kernel rotates the queries itself (attention_mma.cuh, RawQueries)
 };
 
 // Whether prepare_queries_kernel runs: always but with the fused rotation, then only for the full-precision window's
 // q_raw. Without it the tensor-core split launch is a plain launch (nothing of this call to depend on).
+// Workspace slots of one query row: the code splits, then the full-precision window's slots.
+__host__ __device__ __forceinline__ int slots_per_row(const KernelArgs& a) { return a.num_splits + a.window_slots; }
+
 __host__ __device__ __forceinline__ bool prepare_launched(const KernelArgs& a) {
   return !a.fused_rotation || a.fp_lengths != nullptr;
 }
@@ -293,7 +300,7 @@ template <int P, int G>
 __device__ __forceinline__ void write_block_partials(const KernelArgs& a, const float (*shared_m)[G],
                                                      const float (*shared_l)[G], const float (*shared_acc)[G][P],
                                                      int b, int hq0, int nh, int split) {
-  const int slots = a.num_splits + 1;
+  const int slots = slots_per_row(a);
   for (int e = threadIdx.x; e < nh * (P / 4); e += blockDim.x) {  // 4 coordinates per thread (16-byte accesses)
     const int hh = e / (P / 4), j = 4 * (e - hh * (P / 4));
     float block_max = -INFINITY;
@@ -352,7 +359,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, SplitShape<G>::kMinBlocks) s
   const int split = blockIdx.x + a.split_offset;
   const int hq0 = h * a.group + chunk * G;
   const int nh = min(G, a.group - chunk * G);
-  const bool full_precision = split == a.num_splits;
+  const bool full_precision = split >= a.num_splits;
 
   float q[G][C];
   {
@@ -437,14 +444,17 @@ __global__ void __launch_bounds__(kSplitWarps * 32, SplitShape<G>::kMinBlocks) s
       }
     }
   } else if (a.fp_lengths) {
-    const int end = min(static_cast<std::int64_t>(__ldg(a.fp_lengths + b)), a.fp_capacity);
-    const std::int64_t stream_row = (static_cast<std::int64_t>(b) * a.kv_heads + h) * a.fp_capacity;
+    // this slot's tokens [first, end) of the sequence's full-precision tokens
+    const int first = (split - a.num_splits) * a.window_tokens;
+    const int end = min(min(static_cast<std::int64_t>(__ldg(a.fp_lengths + b)), a.fp_capacity),
+                        static_cast<std::int64_t>(first) + a.window_tokens);
+    const std::int64_t stream_row = (static_cast<std::int64_t>(b) * a.kv_heads + h) * a.fp_capacity + first;
     // The loop below takes one dependent round of loads per kSplitWarps * TPS tokens; its keys and values are first
     // brought into L2 at once (bulk prefetches of 16 KB, one per thread; fp_keys / fp_values are 16-byte aligned),
     // so those rounds wait for L2 rather than for DRAM.
     {
       constexpr int kChunk = 16384;
-      const std::int64_t bytes = static_cast<std::int64_t>(end) * P * 4;
+      const std::int64_t bytes = end > first ? static_cast<std::int64_t>(end - first) * P * 4 : 0;
       const int chunks = static_cast<int>((bytes + kChunk - 1) / kChunk);
       for (int i = threadIdx.x; i < 2 * chunks; i += blockDim.x) {
         const int chunk = i >> 1;
@@ -455,11 +465,11 @@ __global__ void __launch_bounds__(kSplitWarps * 32, SplitShape<G>::kMinBlocks) s
         asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(start), "r"(size) : "memory");
       }
     }
-    for (int base = warp * TPS; base < end; base += kSplitWarps * TPS) {
+    for (int base = first + warp * TPS; base < end; base += kSplitWarps * TPS) {
       const int t = base + group_slot;
       bool valid = t < end;
       if (valid && a.fp_mask) valid = __ldg(a.fp_mask + b * a.fp_capacity + t) != 0;
-      const std::int64_t offset = (stream_row + (valid ? t : 0)) * P + li * C;
+      const std::int64_t offset = (stream_row + (valid ? t - first : 0)) * P + li * C;
       float sc[1][G];
       {
         float part[G];
@@ -566,7 +576,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(KernelArgs 
     mean[c] = a.value_means && valid && part == 0 ? __ldg(a.value_means + h * P + 32 * c + lane) : 0.0f;
   }
   grid_dependency_wait();
-  const int slots = a.num_splits + 1;
+  const int slots = slots_per_row(a);
   const float* ml = a.partial_ml + (valid ? row : 0) * slots * 2;
   float row_max = -INFINITY;
   if (valid)
@@ -619,12 +629,17 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(KernelArgs 
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(kFullMask, sum, offset);
-  float exact[CP];
-  const float window_max = ml[2 * a.num_splits];
-  const float window_weight = window_max == -INFINITY ? 0.0f : fast_exp2(window_max - row_max);
-  const float* window = a.partial_acc + (row * slots + a.num_splits) * P;
+  float exact[CP];  // the full-precision slots, in the original domain
 #pragma unroll
-  for (int c = 0; c < CP; ++c) exact[c] = window_max == -INFINITY ? 0.0f : window_weight * window[32 * c + lane];
+  for (int c = 0; c < CP; ++c) exact[c] = 0.0f;
+  for (int s = a.num_splits; s < slots; ++s) {
+    const float window_max = ml[2 * s];
+    if (window_max == -INFINITY) continue;  // no token there: nothing written
+    const float window_weight = fast_exp2(window_max - row_max);
+    const float* window = a.partial_acc + (row * slots + s) * P;
+#pragma unroll
+    for (int c = 0; c < CP; ++c) exact[c] = fmaf(window_weight, window[32 * c + lane], exact[c]);
+  }
   // Inverse value rotation of the code part (x = Pi_v^T y).
   warp_rotate_row<P, true>(a, a.value_rotation + h * a.value_rotation_floats, buffer[warp], rotated, lane);
   const float inverse_sum = 1.0f / sum;

@@ -1564,7 +1564,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32, MmaShape<P>::kMinBlocks) spl
   write_block_partials<P, G>(a, shared_m, shared_l, shared_acc, b, hq0, nh, split);
   if (split == 0 && a.fp_lengths == nullptr) {
     // no full-precision launch: its slot holds "no token"
-    const int slots = a.num_splits + 1;
+    const int slots = slots_per_row(a);
     for (int hh = threadIdx.x; hh < nh; hh += blockDim.x) {
       const std::int64_t slot = (static_cast<std::int64_t>(b) * a.q_heads + hq0 + hh) * slots + a.num_splits;
       a.partial_ml[2 * slot] = -INFINITY;

@@ -23,8 +23,8 @@ namespace attention {
 namespace {
 
 // float16 / bfloat16 queries: the code splits on tensor cores (attention_mma.cuh) and, when there is a full-precision
-// window, its slot (split == num_splits) on the SIMT kernel in a second launch; float32 queries: the SIMT kernel for
-// every slot (its float32 products keep the 1e-4 contract of float32 results).
+// window, its slots (split >= num_splits) on the SIMT kernel in a second launch; float32 queries: the SIMT kernel for
+// every slot (its float32 products keep the 1e-4 contract of float32 results). grid.x: every slot.
 template <int P, int G, int KB, int VB>
 void launch_split(const KernelArgs& a, dim3 grid, cudaStream_t stream) {
   if (a.queries_dtype == kF32) {
@@ -40,11 +40,11 @@ void launch_split(const KernelArgs& a, dim3 grid, cudaStream_t stream) {
   }
   // a programmatic dependent of prepare, or else of the stream's previous kernel, whatever it is (split_mma_kernel
   // waits for it before it reads the call's inputs)
-  launch_dependent(kernel, dim3(grid.x - 1, grid.y, grid.z), kSplitWarps * 32, kShared, stream, a);
+  launch_dependent(kernel, dim3(a.num_splits, grid.y, grid.z), kSplitWarps * 32, kShared, stream, a);
   if (a.fp_lengths) {
     KernelArgs window = a;
     window.split_offset = a.num_splits;
-    split_kernel<P, G, KB, VB><<<dim3(1, grid.y, grid.z), kSplitWarps * 32, 0, stream>>>(window);
+    split_kernel<P, G, KB, VB><<<dim3(a.window_slots, grid.y, grid.z), kSplitWarps * 32, 0, stream>>>(window);
   }
 }
 

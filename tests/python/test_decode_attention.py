@@ -300,6 +300,26 @@ def test_query_and_output_dtypes(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("window,sinks,spare", [(28, 4, 0), (100, 4, 0), (100, 4, 37), (300, 8, 0), (2000, 4, 3)])
+@pytest.mark.parametrize("qdtype", PATHS)
+def test_long_window_over_several_slots(window, sinks, spare, qdtype):
+    # The full-precision tokens are spread over up to 8 workspace slots of a multiple of 32 tokens (attention.cu):
+    # 32 tokens in one slot, 104 in 4 of 32, 308 in 8 of 64, 2004 in 8 of 256; with spare capacity (garbage past
+    # fp_lengths, so the last slots hold no token) too. Each matches the CPU.
+    import torch
+    rng = np.random.default_rng(window + spare)
+    case = Case(batch=2, kv_heads=2, group=4, dim=128, tokens=300 + window + sinks, key_bits=3, value_bits=3,
+                window=window, sinks=sinks)
+    if spare:
+        for name in ("fp_keys", "fp_values"):
+            t = case.tensors[name]
+            garbage = torch.full(t.shape[:2] + (spare,) + t.shape[3:], float("nan"), device=t.device)
+            case.tensors[name] = torch.cat([t, garbage], dim=2).contiguous()
+    q = case.queries(rng, _torch_dtype(qdtype), scale=3.0)
+    _close(case.run(q), case.reference(q), qdtype)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("tokens,window,sinks", [
     (1, 0, 0),      # one code token
     (7, 0, 0),      # below one warp step
