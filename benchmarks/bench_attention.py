@@ -6,8 +6,8 @@
 Shapes (issue 6): Hq = 32 query heads, Hkv = 8 KV heads, head_dim 128, one query position per sequence (decode),
 every sequence at the full context, K/V bits 4/4, 4/3, 3/3, 2/2 (hadamard rotation, float16 norms), no
 full-precision window (the codes path alone; --window N adds N float32 tokens per sequence and KV head, as the KV
-cache's sinks and recent window, which the SDPA baselines do not have). Codes are random bytes (every bit pattern is a valid index) with
-random positive norms: speed does not depend on the values.
+cache's sinks and recent window, which the SDPA baselines do not have). Codes are random bytes (every bit pattern is
+a valid index) with random positive norms: speed does not depend on the values.
 
 Columns:
 - ms: one attention call (CUDA events, mean of repeated calls after a warm-up; prepare + split + combine launches).
@@ -105,7 +105,8 @@ class FusedCase:
         self.attention = rq.DecodeAttention(kq, vq, device=device)
         self.fp = {}
         if window:
-            self.fp = {name: torch.randn(batch, KV_HEADS, window, DIM, device=device) for name in ("fp_keys", "fp_values")}
+            self.fp = {name: torch.randn(batch, KV_HEADS, window, DIM, device=device)
+                       for name in ("fp_keys", "fp_values")}
             self.fp["fp_lengths"] = torch.full((batch,), window, dtype=torch.int32, device=device)
         self.ki, self.kn = random_codes(batch, context, kq[0], device)
         self.vi, self.vn = random_codes(batch, context, vq[0], device)

@@ -37,7 +37,8 @@ constexpr std::int64_t kMaxSplits = 1024;
 constexpr std::int64_t kMaxWaves = 8;
 // The full-precision tokens (sinks + recent window) are split over up to kMaxWindowSlots slots of at least
 // kWindowSlotTokens tokens each (a multiple of it), one SIMT block each per (KV head x head chunk, sequence): one block
-// for 132 tokens took ~10 us of dependent rounds of loads at batch 1. The workspace always reserves kMaxWindowSlots.
+// for 132 tokens took ~10 us of dependent rounds of loads at batch 1. The workspace always reserves kMaxWindowSlots
+// (workspace_layout).
 constexpr std::int64_t kMaxWindowSlots = 8;
 constexpr std::int64_t kWindowSlotTokens = 32;
 std::int64_t resident_split_blocks(std::int64_t dim) {  // the tensor-core kernel's __launch_bounds__ minimum
@@ -72,14 +73,17 @@ struct WorkspaceLayout {
   std::size_t q_rot = 0, q_raw = 0, partial_acc = 0, partial_ml = 0, total = 0;
 };
 
+// Per query row: `splits` code slots and kMaxWindowSlots full-precision slots (a call uses KernelArgs::window_slots
+// of them; the workspace size must not depend on the window's capacity, which workspace_bytes does not take).
 WorkspaceLayout workspace_layout(std::int64_t rows, std::int64_t dim, std::int64_t splits) {
   WorkspaceLayout layout;
+  const std::int64_t slots = splits + kMaxWindowSlots;
   const std::size_t query_bytes = aligned(static_cast<std::size_t>(rows * dim) * sizeof(float));
   layout.q_rot = 0;
   layout.q_raw = query_bytes;
   layout.partial_acc = 2 * query_bytes;
-  layout.partial_ml = layout.partial_acc + aligned(static_cast<std::size_t>(rows * (splits + 1) * dim) * sizeof(float));
-  layout.total = layout.partial_ml + aligned(static_cast<std::size_t>(rows * (splits + 1) * 2) * sizeof(float));
+  layout.partial_ml = layout.partial_acc + aligned(static_cast<std::size_t>(rows * slots * dim) * sizeof(float));
+  layout.total = layout.partial_ml + aligned(static_cast<std::size_t>(rows * slots * 2) * sizeof(float));
   return layout;
 }
 
@@ -261,7 +265,7 @@ std::int64_t DeviceDecodeAttention::num_splits(std::int64_t batch, std::int64_t 
 std::size_t DeviceDecodeAttention::workspace_bytes(std::int64_t batch, std::int64_t q_heads,
                                                    std::int64_t max_code_length) const {
   if (batch < 1 || q_heads < 1) return 0;
-  return workspace_layout(batch * q_heads, dim_, num_splits(batch, q_heads, max_code_length) + kMaxWindowSlots - 1).total;
+  return workspace_layout(batch * q_heads, dim_, num_splits(batch, q_heads, max_code_length)).total;
 }
 
 void DeviceDecodeAttention::run(const DecodeAttentionArgs& args, void* stream) const {
@@ -332,7 +336,7 @@ void DeviceDecodeAttention::run(const DecodeAttentionArgs& args, void* stream) c
   const std::int64_t rows = args.batch * args.q_heads;
   const std::int64_t max_length = has_codes ? args.max_code_length : 0;
   const std::int64_t splits = num_splits(args.batch, args.q_heads, max_length);
-  const WorkspaceLayout layout = workspace_layout(rows, dim_, splits + kMaxWindowSlots - 1);
+  const WorkspaceLayout layout = workspace_layout(rows, dim_, splits);
   if (args.workspace == nullptr || args.workspace_bytes < layout.total) {
     fail("workspace", ">= " + std::to_string(layout.total) + " bytes (workspace_bytes())",
          args.workspace == nullptr ? "null" : std::to_string(args.workspace_bytes) + " bytes");

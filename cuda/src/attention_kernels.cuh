@@ -92,11 +92,12 @@ struct KernelArgs {
   int fused_rotation;      // split_mma_kernel rotates the queries itself (attention_mma.cuh, RawQueries)
 };
 
-// Whether prepare_queries_kernel runs: always but with the fused rotation, then only for the full-precision window's
-// q_raw. Without it the tensor-core split launch is a plain launch (nothing of this call to depend on).
 // Workspace slots of one query row: the code splits, then the full-precision window's slots.
 __host__ __device__ __forceinline__ int slots_per_row(const KernelArgs& a) { return a.num_splits + a.window_slots; }
 
+// Whether prepare_queries_kernel runs: always but with the fused rotation, then only for the full-precision window's
+// q_raw. Without it the tensor-core split kernel is a programmatic dependent of the stream's previous kernel, whatever
+// it is (attention_split.cu, attention_mma.cuh).
 __host__ __device__ __forceinline__ bool prepare_launched(const KernelArgs& a) {
   return !a.fused_rotation || a.fp_lengths != nullptr;
 }
